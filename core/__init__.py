@@ -1,0 +1,1 @@
+"""The studio's engine: model, tokenizer, data, sampling and checkpoints. Knows nothing of Streamlit."""

@@ -1,0 +1,260 @@
+"""The GPT-2 language model, its key/value cache, and its parameter breakdown.
+
+Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ...), so checkpoints map one to
+one onto other GPT-2 implementations. This module is pure: no file or network I/O and no printing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so each decoded token costs one position, not the context.
+
+    Shapes: ``k`` and ``v`` are (n_layer, B, n_head, max_len, head_dim). Positions ``[0, length)`` are valid.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, *, device=None, dtype=None, max_len: int | None = None):
+        max_len = config.block_size if max_len is None else max_len
+        if not 0 < max_len <= config.block_size:
+            raise ValueError(f"cache length must be in 1..{config.block_size}, got {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hd) at ``start_pos`` and return all keys/values so far, (B, nh, start_pos+T, hd)."""
+        end = start_pos + k.size(2)
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # read by GPT._init_weights for GPT-2's scaled init
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start_pos)  # (B, nh, start_pos+T, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        if start_pos == 0:
+            # Queries and keys cover the same positions: the plain causal mask (and the fastest kernels).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:
+            # One new query at the end attends to every cached position: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # A chunk appended after cached positions: query i sees keys up to start_pos + i.
+            allowed = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start_pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: token + position embeddings, ``n_layer`` blocks, final LayerNorm, LM head tied to the embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Make the LM head share the token embedding's weight (GPT-2's weight tying)."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                # GPT-2 scales residual projections so the residual stream's variance does not grow with depth.
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for token ids ``idx`` (B, T), and the mean cross-entropy against ``targets`` (B, T) if given.
+
+        With ``cache``, ``idx`` holds positions ``start_pos .. start_pos+T-1`` and earlier positions come from the
+        cache. ``last_only`` returns logits for the last position only (B, 1, V), which is all sampling needs.
+        Targets equal to -1 are ignored in the loss.
+        """
+        B, T = idx.shape
+        if start_pos + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start_pos + T} positions exceeds the context of {self.config.block_size}; crop it first"
+            )
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer, start_pos)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): the only position sampling needs, skipping T-1 rows of the big LM head
+        return self.lm_head(x), None  # (B, T or 1, V)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One row of the parameter breakdown."""
+
+    name: str
+    """Human name, e.g. ``block 3 attention``."""
+    group: str
+    """Component kind: token_embedding, position_embedding, attention, mlp, layernorm, final_layernorm, lm_head."""
+    block: int | None
+    """Block index for per-block rows, else None."""
+    params: int
+    """Parameters counted here (0 for the tied LM head, whose weight is the token embedding's)."""
+    note: str = ""
+    """Free text, e.g. that a weight is shared."""
+
+
+def parameter_breakdown(model: GPT) -> dict:
+    """Totals and a per-component breakdown of ``model``'s parameters.
+
+    Returns a dict with ``total_params`` and ``trainable_params`` (shared tensors counted once), ``size_mb`` (fp32
+    bytes / 2**20, rounded to 2 decimals), ``components`` (per-kind totals across blocks) and ``blocks`` (one row per
+    component per block). The tied LM head appears with 0 parameters and a note, never counted twice.
+    """
+    config = model.config
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    per_block: list[Component] = []
+    for i, block in enumerate(model.transformer.h):
+        per_block += [
+            Component(f"block {i} attention", "attention", i, count(block.attn)),
+            Component(f"block {i} mlp", "mlp", i, count(block.mlp)),
+            Component(f"block {i} layernorms", "layernorm", i, count(block.ln_1) + count(block.ln_2)),
+        ]
+
+    def group_total(group: str) -> int:
+        return sum(c.params for c in per_block if c.group == group)
+
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    components = [
+        Component("token embedding (wte)", "token_embedding", None, count(model.transformer.wte)),
+        Component("position embedding (wpe)", "position_embedding", None, count(model.transformer.wpe)),
+        Component(f"attention ({config.n_layer} blocks)", "attention", None, group_total("attention")),
+        Component(f"mlp ({config.n_layer} blocks)", "mlp", None, group_total("mlp")),
+        Component(f"layernorms ({config.n_layer} blocks)", "layernorm", None, group_total("layernorm")),
+        Component("final layernorm (ln_f)", "final_layernorm", None, count(model.transformer.ln_f)),
+        Component(
+            "lm head",
+            "lm_head",
+            None,
+            0 if tied else count(model.lm_head),
+            "tied: shares the token embedding's weight" if tied else "untied",
+        ),
+    ]
+    assert sum(c.params for c in components) == total, "breakdown must account for every parameter exactly once"
+
+    def rows(items: list[Component]) -> list[dict]:
+        return [
+            {
+                "name": c.name,
+                "group": c.group,
+                "block": c.block,
+                "params": c.params,
+                "share": c.params / total if total else 0.0,
+                "size_mb": round(c.params * 4 / 2**20, 2),
+                "note": c.note,
+            }
+            for c in items
+        ]
+
+    return {
+        "config": config.to_dict(),
+        "total_params": total,
+        "trainable_params": trainable,
+        "size_mb": round(total * 4 / 2**20, 2),
+        "tied_lm_head": tied,
+        "components": rows(components),
+        "blocks": rows(per_block),
+    }

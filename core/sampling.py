@@ -1,0 +1,199 @@
+"""Text generation: K independent continuations as one batch, with a KV cache, temperature, top-k, top-p and seed.
+
+:func:`stream_tokens` is the engine (token ids per step); :class:`TextStream` turns it into text pieces that
+never split a multi-byte character; :func:`generate` collects whole samples. A prompt longer than the context keeps its
+last ``block_size`` tokens. When a sample grows past the context, the cache is rebuilt from the last three
+quarters of the window, so a long generation costs one full forward per ``block_size / 4`` tokens, not per token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from core.config import SampleConfig
+from core.errors import UsageError
+from core.model import GPT, KVCache
+from core.tokenizer import Tokenizer
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`."""
+
+    samples: list[str]
+    """Each sample as the full prompt followed by its continuation."""
+    continuations: list[str]
+    """Each sample's new text only."""
+    new_tokens: list[int]
+    """New tokens per sample (an ``<|endoftext|>`` stop is not counted)."""
+    seconds: float
+    """Wall time from the first forward pass to the last token."""
+    seed: int
+    """The seed used; pass it back to reproduce these samples."""
+    prompt_tokens: int
+    """Tokens of the prompt the model saw (after cropping)."""
+    prompt_cropped: bool
+    """Whether the prompt was longer than the context and lost its beginning."""
+    stopped_at_eot: list[bool] = field(default_factory=list)
+    """Per sample, whether it ended on ``<|endoftext|>``."""
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """New tokens of all samples together per second."""
+        return sum(self.new_tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[list[int], bool]:
+    """Token ids of ``prompt`` cropped to its last ``block_size`` tokens, and whether cropping happened.
+
+    Raises :class:`UsageError` for an empty or whitespace-only prompt.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("the prompt is empty; give some text to continue, e.g. 'ROMEO:'")
+    ids = tokenizer.encode(prompt)
+    if len(ids) > block_size:
+        return ids[-block_size:], True
+    return ids, False
+
+
+def _filter_logits(logits: torch.Tensor, config: SampleConfig) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to logits (K, V); filtered-out entries become -inf."""
+    logits = logits / config.temperature
+    if config.top_k is not None and config.top_k < logits.size(-1):
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # (K, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= config.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _model_device_dtype(model: GPT) -> tuple[torch.device, torch.dtype]:
+    weight = model.transformer.wte.weight
+    return weight.device, weight.dtype
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: GPT, prompt_ids: list[int], config: SampleConfig, *, eot_token: int | None = None, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(tokens, active)`` per step: the next token of each of the K samples (K,) and which are still going.
+
+    ``prompt_ids`` must already fit the context. A sample becomes inactive after it yields ``eot_token`` (when
+    ``config.stop_at_eot``); generation ends when all are inactive or after ``config.max_new_tokens`` steps.
+    """
+    block_size = model.config.block_size
+    if not 0 < len(prompt_ids) <= block_size:
+        raise ValueError(f"prompt must have 1..{block_size} tokens, got {len(prompt_ids)}")
+    was_training = model.training
+    model.eval()
+    device, dtype = _model_device_dtype(model)
+    K = config.num_samples
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, K, device=device, dtype=dtype)
+    # Only the last block_size tokens can ever be attended to again.
+    window = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(K, -1).contiguous()
+    active = torch.ones(K, dtype=torch.bool, device=device)
+    try:
+        logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
+        length = window.size(1)  # positions filled in the cache
+        for step in range(config.max_new_tokens):
+            next_logits = logits[:, -1, :].float()  # (K, V)
+            if config.greedy:
+                tokens = torch.argmax(next_logits, dim=-1)
+            else:
+                probs = torch.softmax(_filter_logits(next_logits, config), dim=-1)
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            yield tokens, active.clone()
+            if config.stop_at_eot and eot_token is not None:
+                active &= tokens != eot_token
+            if not bool(active.any()) or step == config.max_new_tokens - 1:
+                return
+            window = torch.cat([window, tokens.unsqueeze(1)], dim=1)[:, -block_size:]
+            if length == block_size:
+                keep = max(1, (3 * block_size) // 4)
+                window = window[:, -keep:]
+                logits, _ = model(window, cache=cache, start_pos=0, last_only=True)
+                length = keep
+            else:
+                logits, _ = model(tokens.unsqueeze(1), cache=cache, start_pos=length, last_only=True)
+                length += 1
+    finally:
+        model.train(was_training)
+
+
+def _resolve_seed(config: SampleConfig) -> int:
+    if config.seed is not None:
+        return config.seed
+    return int.from_bytes(os.urandom(4), "little")
+
+
+class TextStream:
+    """Iterate to receive, per step, the new text of each sample (``""`` when a sample has nothing new or stopped).
+
+    Pieces never split a multi-byte character: bytes of an unfinished character wait for the next token. While or
+    after iterating, :meth:`result` gives the samples so far with counts, timing and the seed used.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig):
+        self.prompt_ids, self.prompt_cropped = encode_prompt(tokenizer, prompt, model.config.block_size)
+        self.seed = _resolve_seed(config)
+        self._model, self._tokenizer, self._prompt, self._config = model, tokenizer, prompt, config
+        K = config.num_samples
+        self._pieces: list[list[str]] = [[] for _ in range(K)]
+        self._new_tokens = [0] * K
+        self._stopped = [False] * K
+        self._seconds = 0.0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        eot, stop_at_eot = self._tokenizer.eot, self._config.stop_at_eot
+        decoders = [self._tokenizer.stream_decoder() for _ in range(self._config.num_samples)]
+        start = time.perf_counter()
+        for tokens, active in stream_tokens(self._model, self.prompt_ids, self._config, eot_token=eot, seed=self.seed):
+            step = []
+            for i, (token, is_active) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+                piece = ""
+                if is_active and stop_at_eot and token == eot:
+                    self._stopped[i] = True
+                elif is_active:
+                    self._new_tokens[i] += 1
+                    piece = decoders[i].push(token)
+                self._pieces[i].append(piece)
+                step.append(piece)
+            self._seconds = time.perf_counter() - start
+            yield step
+        tail = [d.flush() for d in decoders]
+        for i, piece in enumerate(tail):
+            self._pieces[i].append(piece)
+        if any(tail):
+            yield tail
+
+    def result(self) -> Generation:
+        continuations = ["".join(p) for p in self._pieces]
+        return Generation(
+            samples=[self._prompt + c for c in continuations],
+            continuations=continuations,
+            new_tokens=list(self._new_tokens),
+            seconds=self._seconds,
+            seed=self.seed,
+            prompt_tokens=len(self.prompt_ids),
+            prompt_cropped=self.prompt_cropped,
+            stopped_at_eot=list(self._stopped),
+        )
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig) -> Generation:
+    """K whole samples for ``prompt``, with timing and the seed used."""
+    stream = TextStream(model, tokenizer, prompt, config)
+    for _ in stream:
+        pass
+    return stream.result()

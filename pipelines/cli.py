@@ -1,0 +1,46 @@
+"""Shared plumbing for the command-line entry points: one-line errors and exit codes.
+
+A user mistake (bad argument, bad file, missing cache) prints ``error: <what to do>`` on stderr and exits 2;
+it never shows a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from core.errors import StudioError
+
+USAGE_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error message instead of the usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+    """Run ``main`` and exit with its code, turning user errors into one line and exit code 2."""
+    try:
+        code = main(argv)
+    except (StudioError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

@@ -1,0 +1,105 @@
+"""Generate Shakespeare-style text from a saved checkpoint.
+
+Usage: python -m pipelines.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--num-samples K]
+       [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device auto|cpu|cuda|mps] [--json]
+
+One sample streams to stdout as it is produced; several are printed one after another under a header each.
+--json prints {"samples": [...], "tokens_per_sec": ...}, each sample being the prompt plus its continuation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP
+from pipelines.cli import ArgumentParser, run
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m pipelines.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder to generate from")
+    parser.add_argument("--prompt", required=True, help="text to continue (cropped to its last tokens if too long)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=200, help=f"new tokens per sample, 1..{MAX_NEW_TOKENS_CAP} (default 200)"
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help=f"independent samples, run as one batch, 1..{NUM_SAMPLES_CAP} (default 1)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy and deterministic (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens, k >= 1 (default 200)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
+    parser.add_argument("--no-eot-stop", action="store_true", help="keep going past <|endoftext|>")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument("--json", action="store_true", help='print {"samples": [...], "tokens_per_sec": ...}')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.checkpoint import load_checkpoint
+    from core.config import SampleConfig
+    from core.device import resolve_device
+    from core.sampling import TextStream
+    from core.tokenizer import get_tokenizer
+
+    config = SampleConfig(
+        max_new_tokens=args.max_new_tokens,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eot=not args.no_eot_stop,
+    )
+    tokenizer = get_tokenizer()
+    model, _ = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    stream = TextStream(model, tokenizer, args.prompt, config)
+    if stream.prompt_cropped:
+        print(
+            f"notice: the prompt is longer than the {model.config.block_size}-token context; "
+            "only its last tokens are used",
+            file=sys.stderr,
+        )
+
+    live = not args.json and config.num_samples == 1  # one sample streams to the terminal as it is produced
+    if live:
+        sys.stdout.write(args.prompt)
+    for pieces in stream:
+        if live:
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+    result = stream.result()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "samples": result.samples,
+                    "tokens_per_sec": round(result.tokens_per_sec, 2),
+                    "new_tokens": result.new_tokens,
+                    "seed": result.seed,
+                    "prompt_cropped": result.prompt_cropped,
+                }
+            )
+        )
+        return 0
+    if live:
+        sys.stdout.write("\n")
+    else:
+        for i, sample in enumerate(result.samples, 1):
+            print(f"──── sample {i}/{config.num_samples} ────")
+            print(sample)
+    print(
+        f"{sum(result.new_tokens)} new tokens at {result.tokens_per_sec:.1f} tokens/s, seed {result.seed}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,160 @@
+"""The command-line entry points, run as real subprocesses the way a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("module", ["pipelines.prepare_data", "pipelines.inspect", "pipelines.generate"])
+def test_help(module):
+    result = cli(module, "--help")
+    assert result.returncode == 0
+    assert "usage:" in result.stdout
+
+
+def test_inspect_gpt2_json():
+    result = cli("pipelines.inspect", "--preset", "gpt2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["total_params"] == 124_439_808
+    assert report["trainable_params"] == 124_439_808
+    assert f"{report['size_mb']:.2f}" == "474.70"
+    assert {c["group"] for c in report["components"]} >= {"token_embedding", "attention", "mlp", "lm_head"}
+
+
+def test_inspect_table_and_checkpoint(tiny_checkpoint):
+    table = cli("pipelines.inspect", "--preset", "gpt2")
+    assert "124,439,808" in table.stdout and "474.70 MB" in table.stdout
+    from_checkpoint = json.loads(cli("pipelines.inspect", "--checkpoint", str(tiny_checkpoint), "--json").stdout)
+    assert from_checkpoint["config"]["n_layer"] == 2
+
+
+def test_prepare_data_reports_the_reference_split(shakespeare_path, tmp_path):
+    result = cli("pipelines.prepare_data", "--source", str(shakespeare_path), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "301,966" in result.stdout and "36,059" in result.stdout
+    assert len(list(tmp_path.glob("*/train.bin"))) == 1
+
+
+def test_generate_writes_k_samples(tiny_checkpoint):
+    result = cli(
+        "pipelines.generate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt",
+        "ROMEO:",
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("──── sample") == 3
+    assert result.stdout.count("ROMEO:") == 3
+    assert "tokens/s" in result.stderr
+
+
+def test_generate_json_is_reproducible(tiny_checkpoint):
+    args = (
+        "pipelines.generate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt",
+        "ROMEO:",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "7",
+        "--json",
+    )
+    first, second = json.loads(cli(*args).stdout), json.loads(cli(*args).stdout)
+    assert len(first["samples"]) == 2
+    assert all(s.startswith("ROMEO:") for s in first["samples"])
+    assert first["tokens_per_sec"] > 0
+    assert first["samples"] == second["samples"]
+
+
+def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
+    prompt = "Now is the winter of our discontent. " * 20
+    result = cli(
+        "pipelines.generate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt)
+    assert "notice: the prompt is longer" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt", "a", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["--prompt", "a", "--max-new-tokens", "999999"], "max_new_tokens"),
+        (["--prompt", "a", "--num-samples", "0"], "num_samples"),
+        (["--prompt", "a", "--num-samples", "64"], "num_samples"),
+        (["--prompt", "a", "--temperature", "-1"], "temperature"),
+        (["--prompt", "a", "--top-k", "0"], "top_k"),
+        (["--prompt", "a", "--top-p", "0"], "top_p"),
+        (["--prompt", "a", "--top-p", "1.5"], "top_p"),
+        (["--prompt", "a", "--max-new-tokens", "lots"], "invalid int value"),
+        (["--prompt", "a", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_generate_bad_input_is_one_line_and_exit_2(tiny_checkpoint, extra, fragment):
+    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), *extra), fragment)
+
+
+def test_generate_bad_checkpoints(tmp_path, tiny_checkpoint):
+    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "a"), "not found")
+    weights = tiny_checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "corrupt")
+
+
+def test_prepare_data_bad_sources(tmp_path):
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert_usage_error(cli("pipelines.prepare_data", "--source", str(binary), "--out", str(tmp_path)), "binary")
+    assert_usage_error(
+        cli("pipelines.prepare_data", "--source", str(tmp_path / "x.txt"), "--out", str(tmp_path)), "not found"
+    )
+    assert_usage_error(cli("pipelines.prepare_data", "--val-fraction", "2"), "val_fraction")
+
+
+def test_inspect_bad_input():
+    assert_usage_error(cli("pipelines.inspect", "--preset", "huge"), "invalid choice")
+    assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-head", "3"), "divisible")
+    assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-layer", "-1"), "positive integer")

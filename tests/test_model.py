@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.model import GPT, KVCache, parameter_breakdown
+
+
+def test_gpt2_preset_has_exact_parameter_count_and_size():
+    with torch.device("meta"):  # shapes only: no weights allocated
+        model = GPT(ModelConfig.from_preset("gpt2"))
+    breakdown = parameter_breakdown(model)
+    assert breakdown["total_params"] == 124_439_808
+    assert breakdown["trainable_params"] == 124_439_808
+    assert f"{breakdown['size_mb']:.2f}" == "474.70"
+
+
+def test_breakdown_counts_every_parameter_once_and_shows_the_tied_head():
+    with torch.device("meta"):
+        model = GPT(ModelConfig.from_preset("gpt2"))
+    breakdown = parameter_breakdown(model)
+    by_group = {c["group"]: c["params"] for c in breakdown["components"]}
+    assert by_group["token_embedding"] == 50257 * 768
+    assert by_group["position_embedding"] == 1024 * 768
+    assert by_group["attention"] == 12 * (768 * 3 * 768 + 3 * 768 + 768 * 768 + 768)
+    assert by_group["mlp"] == 12 * (768 * 4 * 768 + 4 * 768 + 4 * 768 * 768 + 768)
+    assert by_group["layernorm"] == 12 * 4 * 768
+    assert by_group["final_layernorm"] == 2 * 768
+    assert by_group["lm_head"] == 0
+    head = next(c for c in breakdown["components"] if c["group"] == "lm_head")
+    assert "tied" in head["note"]
+    assert sum(by_group.values()) == breakdown["total_params"]
+    assert len(breakdown["blocks"]) == 12 * 3
+    assert sum(b["params"] for b in breakdown["blocks"] if b["block"] == 5) == 7_087_872
+
+
+def test_forward_shapes_and_initial_loss(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (3, 16))
+    logits, loss = tiny_model(idx)
+    assert logits.shape == (3, 16, tiny_config.vocab_size)
+    assert loss is None
+    logits, loss = tiny_model(idx, targets=torch.roll(idx, -1, 1))
+    assert logits.shape == (3, 16, tiny_config.vocab_size)
+    # A freshly initialised model is close to uniform over the vocabulary.
+    assert abs(loss.item() - math.log(tiny_config.vocab_size)) < 0.5
+    last, _ = tiny_model(idx, last_only=True)
+    assert last.shape == (3, 1, tiny_config.vocab_size)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+
+
+def test_ignored_targets_do_not_count(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    targets = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    _, full = tiny_model(idx, targets)
+    masked = targets.clone()
+    masked[0, 4:] = -1
+    _, partial = tiny_model(idx, masked)
+    _, first_half = tiny_model(idx[:, :4], targets[:, :4])
+    torch.testing.assert_close(partial, first_half)
+    assert not torch.isclose(full, partial)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 7) % tiny_config.vocab_size
+    before, _ = tiny_model(idx)
+    after, _ = tiny_model(changed)
+    torch.testing.assert_close(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_lm_head_is_tied_to_token_embedding(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.transformer.wte.weight
+    assert tiny_model.lm_head.weight.data_ptr() == tiny_model.transformer.wte.weight.data_ptr()
+    tiny_model.train()
+    idx = torch.randint(0, 50257, (1, 8))
+    _, loss = tiny_model(idx, targets=idx)
+    loss.backward()
+    # One tensor receives the gradient of both uses.
+    assert tiny_model.transformer.wte.weight.grad is tiny_model.lm_head.weight.grad
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=8, n_head=4, n_embd=256, block_size=64)
+    model = GPT(config)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    expected = 0.02 / math.sqrt(2 * config.n_layer)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(block.attn.c_attn.bias == 0)
+    assert torch.all(block.ln_1.weight == 1)
+
+
+def test_dropout_is_active_only_in_training(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**tiny_config.to_dict(), "dropout": 0.5}))
+    idx = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    model.train()
+    a, _ = model(idx)
+    b, _ = model(idx)
+    assert not torch.allclose(a, b)
+    model.eval()
+    c, _ = model(idx)
+    d, _ = model(idx)
+    torch.testing.assert_close(c, d)
+
+
+def test_kv_cache_in_chunks_matches_the_full_forward(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 20))
+    full, _ = tiny_model(idx)
+    cache = KVCache(tiny_config, batch_size=2)
+    first, _ = tiny_model(idx[:, :9], cache=cache, start_pos=0)
+    chunk, _ = tiny_model(idx[:, 9:15], cache=cache, start_pos=9)
+    steps = [tiny_model(idx[:, t : t + 1], cache=cache, start_pos=t)[0] for t in range(15, 20)]
+    torch.testing.assert_close(torch.cat([first, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_sequence_longer_than_context_is_refused(tiny_model, tiny_config):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        tiny_model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from core.config import SampleConfig
+from core.errors import UsageError
+from core.model import GPT
+from core.sampling import TextStream, _filter_logits, encode_prompt, generate, stream_tokens
+
+
+def greedy_without_cache(model: GPT, ids: list[int], steps: int) -> list[int]:
+    """Reference decoder: a full forward over the (cropped) context for every new token."""
+    seq = torch.tensor([ids])
+    out = []
+    for _ in range(steps):
+        logits, _ = model(seq[:, -model.config.block_size :])
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_greedy_with_kv_cache_equals_greedy_without(tiny_model, tokenizer):
+    prompt = tokenizer.encode("ROMEO: what light")
+    steps = tiny_model.config.block_size - len(prompt)  # fill the whole context
+    config = SampleConfig(max_new_tokens=steps, temperature=0, stop_at_eot=False)
+    cached = [int(t[0]) for t, _ in stream_tokens(tiny_model, prompt, config)]
+    assert cached == greedy_without_cache(tiny_model, prompt, steps)
+
+
+def test_temperature_zero_is_greedy_and_ignores_the_seed(tiny_model, tokenizer):
+    a = generate(tiny_model, tokenizer, "JULIET:", SampleConfig(max_new_tokens=12, temperature=0, seed=1))
+    b = generate(tiny_model, tokenizer, "JULIET:", SampleConfig(max_new_tokens=12, temperature=0, seed=2))
+    assert a.samples == b.samples
+    expected = greedy_without_cache(tiny_model, tokenizer.encode("JULIET:"), 12)
+    assert a.continuations[0] == tokenizer.decode(expected)
+
+
+def test_seed_reproduces_samples(tiny_model, tokenizer):
+    config = SampleConfig(max_new_tokens=20, num_samples=3, temperature=1.0, seed=1234)
+    first = generate(tiny_model, tokenizer, "KING:", config)
+    second = generate(tiny_model, tokenizer, "KING:", config)
+    assert first.samples == second.samples
+    assert first.seed == 1234
+    other = generate(tiny_model, tokenizer, "KING:", SampleConfig(max_new_tokens=20, num_samples=3, seed=99))
+    assert other.samples != first.samples
+
+
+def test_unseeded_generation_reports_a_seed_that_reproduces_it(tiny_model, tokenizer):
+    first = generate(tiny_model, tokenizer, "KING:", SampleConfig(max_new_tokens=15, temperature=1.0))
+    again = generate(tiny_model, tokenizer, "KING:", SampleConfig(max_new_tokens=15, temperature=1.0, seed=first.seed))
+    assert again.samples == first.samples
+
+
+def test_k_samples_are_independent_and_start_with_the_prompt(tiny_model, tokenizer):
+    result = generate(tiny_model, tokenizer, "To be", SampleConfig(max_new_tokens=16, num_samples=4, seed=0))
+    assert len(result.samples) == 4
+    assert all(s.startswith("To be") for s in result.samples)
+    assert len(set(result.continuations)) == 4
+    assert result.new_tokens == [16] * 4
+    assert result.tokens_per_sec > 0
+
+
+def test_long_prompt_is_cropped_to_its_last_tokens(tiny_model, tokenizer):
+    prompt = "Now is the winter of our discontent " * 40
+    ids, cropped = encode_prompt(tokenizer, prompt, tiny_model.config.block_size)
+    assert cropped and len(ids) == tiny_model.config.block_size
+    assert ids == tokenizer.encode(prompt)[-tiny_model.config.block_size :]
+    result = generate(tiny_model, tokenizer, prompt, SampleConfig(max_new_tokens=5, seed=0, stop_at_eot=False))
+    assert result.prompt_cropped
+    assert result.samples[0].startswith(prompt)
+    assert result.new_tokens == [5]
+
+
+def test_generation_can_run_past_the_context(tiny_model, tokenizer):
+    steps = 3 * tiny_model.config.block_size
+    result = generate(tiny_model, tokenizer, "A", SampleConfig(max_new_tokens=steps, seed=0, stop_at_eot=False))
+    assert result.new_tokens == [steps]
+
+
+def test_empty_prompt_is_refused(tiny_model, tokenizer):
+    for prompt in ("", "   \n\t"):
+        with pytest.raises(UsageError, match="prompt is empty"):
+            generate(tiny_model, tokenizer, prompt, SampleConfig())
+
+
+def eot_loving_model(model: GPT, eot: int) -> GPT:
+    """Make every position's final hidden state point at the <|endoftext|> embedding, so greedy picks it."""
+    with torch.no_grad():
+        direction = torch.randn(model.config.n_embd)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[eot] = direction * 10
+    return model
+
+
+def test_generation_stops_at_end_of_text(tiny_model, tokenizer):
+    model = eot_loving_model(tiny_model, tokenizer.eot)
+    stopped = generate(model, tokenizer, "Exit,", SampleConfig(max_new_tokens=10, num_samples=2, temperature=0))
+    assert stopped.new_tokens == [0, 0]
+    assert stopped.stopped_at_eot == [True, True]
+    assert stopped.samples == ["Exit,", "Exit,"]
+    running = generate(model, tokenizer, "Exit,", SampleConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
+    assert running.new_tokens == [10]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model, tokenizer):
+    greedy = generate(tiny_model, tokenizer, "HAMLET:", SampleConfig(max_new_tokens=10, temperature=0))
+    top_k = generate(
+        tiny_model, tokenizer, "HAMLET:", SampleConfig(max_new_tokens=10, temperature=1.0, top_k=1, seed=5)
+    )
+    top_p = generate(
+        tiny_model,
+        tokenizer,
+        "HAMLET:",
+        SampleConfig(max_new_tokens=10, temperature=1.0, top_k=None, top_p=1e-6, seed=5),
+    )
+    assert top_k.samples == greedy.samples == top_p.samples
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept_k = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=2)))
+    assert kept_k.tolist() == [[True, True, False, False]]
+    kept_p = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=None, top_p=0.7)))
+    assert kept_p.tolist() == [[True, True, False, False]]
+    kept_all = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=None, top_p=1.0)))
+    assert kept_all.all()
+
+
+def test_stream_yields_the_same_text_as_generate(tiny_model, tokenizer):
+    config = SampleConfig(max_new_tokens=30, num_samples=2, temperature=1.0, seed=42)
+    stream = TextStream(tiny_model, tokenizer, "Emoji 🎭 and 中文:", config)
+    steps = list(stream)
+    assert all(len(step) == 2 for step in steps)
+    joined = ["".join(step[i] for step in steps) for i in range(2)]
+    assert joined == generate(tiny_model, tokenizer, "Emoji 🎭 and 中文:", config).continuations
+    assert stream.result().continuations == joined
