@@ -7,6 +7,7 @@ wrong and what would be accepted. Configs are plain data: they are passed explic
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ MAX_NEW_TOKENS_CAP = 4096
 
 NUM_SAMPLES_CAP = 16
 """Largest ``num_samples`` a generation request may ask for (they run as one batch)."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -200,3 +203,129 @@ class SampleConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, stop rules and periodic work of a training run (the reference's defaults)."""
+
+    max_steps: int = 20_000
+    """Hard limit on optimizer steps; also the length of the OneCycle schedule."""
+    target_loss: float = 0.1
+    """Stop once the running-average training loss falls below this (the reference's criterion); 0 disables."""
+    avg_window: int = 100
+    """Number of most recent steps averaged into ``avg_loss``."""
+    lr: float = 6e-4
+    """Peak learning rate of the OneCycle schedule."""
+    warmup_fraction: float = 0.1
+    """Fraction of ``max_steps`` spent warming up to the peak (OneCycle's ``pct_start``)."""
+    div_factor: float = 25.0
+    """The schedule starts at ``lr / div_factor``."""
+    final_div_factor: float = 1e4
+    """The schedule ends at ``lr / div_factor / final_div_factor``."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.95
+    """AdamW's second-moment decay."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to 2-D weights only (not to biases, LayerNorms or embeddings' 1-D params)."""
+    grad_clip: float = 0.5
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    eval_interval: int = 200
+    """Compute validation loss and bits per character every this many steps (and at the end); 0 disables."""
+    eval_batches: int | None = None
+    """Validation batches per evaluation; None evaluates the whole validation split."""
+    patience: int | None = None
+    """Stop after this many evaluations without a new best validation loss; None disables."""
+    sample_interval: int = 500
+    """Generate a text sample every this many steps (and at the end); 0 disables the periodic ones."""
+    sample_prompt: str = "ROMEO:"
+    """Prompt of the periodic samples."""
+    sample_tokens: int = 100
+    """New tokens per periodic sample."""
+    seed: int = 1337
+    """Seed for initialisation, batch order and samples."""
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "avg_window", "sample_tokens"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, f"train config: {name} must be a positive integer, got {value!r}")
+        for name in ("eval_interval", "sample_interval"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, f"train config: {name} must be an integer >= 0, got {value!r}")
+        for name in ("eval_batches", "patience"):
+            value = getattr(self, name)
+            _require(
+                value is None or (_is_int(value) and value > 0),
+                f"train config: {name} must be a positive integer (or unset), got {value!r}",
+            )
+        _require(_is_number(self.lr) and self.lr > 0, f"train config: lr must be > 0, got {self.lr!r}")
+        _require(
+            _is_number(self.target_loss) and self.target_loss >= 0,
+            f"train config: target_loss must be >= 0 (0 disables), got {self.target_loss!r}",
+        )
+        _require(
+            _is_number(self.warmup_fraction) and 0 < self.warmup_fraction < 1,
+            f"train config: warmup_fraction must be in (0, 1), got {self.warmup_fraction!r}",
+        )
+        for name in ("div_factor", "final_div_factor", "eps"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, f"train config: {name} must be > 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0 <= value < 1, f"train config: {name} must be in [0, 1), got {value!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value >= 0, f"train config: {name} must be >= 0, got {value!r}")
+        _require(
+            isinstance(self.sample_prompt, str) and self.sample_prompt.strip() != "",
+            "train config: sample_prompt must not be empty",
+        )
+        _require(
+            _is_int(self.seed) and self.seed >= 0, f"train config: seed must be an integer >= 0, got {self.seed!r}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a training run is recorded and how its model is registered."""
+
+    experiment: str = "shakespeare-gpt"
+    """MLflow experiment name (created if missing)."""
+    run_name: str | None = None
+    """MLflow run name; None lets MLflow pick one."""
+    register_as: str = "shakespeare-gpt"
+    """Registered model name; each finished run adds a version."""
+    alias: str | None = None
+    """Alias to point at the new version (e.g. ``champion``); None sets none."""
+    register_best: bool = False
+    """Register the best-validation checkpoint instead of the final one."""
+    preset: str = "custom"
+    """Name of the model preset the run started from (recorded as a tag)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None uses MLFLOW_TRACKING_URI or the local SQLite store under mlruns/."""
+    checkpoint_root: str | None = None
+    """Folder for local checkpoints (one sub-folder per run id); None uses mlruns/checkpoints."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.experiment, str) and self.experiment.strip() != "", "experiment name is empty")
+        _require(
+            isinstance(self.register_as, str) and _NAME.fullmatch(self.register_as) is not None,
+            f"model name {self.register_as!r} is invalid: use letters, digits, '-', '_' or '.'",
+        )
+        _require(
+            self.alias is None or (_NAME.fullmatch(self.alias) is not None and not self.alias[0].isdigit()),
+            f"alias {self.alias!r} is invalid: use letters, digits, '-' or '_', not starting with a digit",
+        )

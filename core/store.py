@@ -1,0 +1,77 @@
+"""Where the MLflow tracking store and registry live.
+
+By default the store is SQLite at ``<repo>/mlruns/mlflow.db`` with artifacts in ``<repo>/mlruns/artifacts``:
+embedded, nothing to start. ``MLFLOW_TRACKING_URI`` overrides it (another SQLite file, or an ``http(s)://``
+tracking server, which then decides where artifacts go).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORE_DIR = REPO_ROOT / "mlruns"
+DEFAULT_EXPERIMENT = "shakespeare-gpt"
+DEFAULT_MODEL_NAME = "shakespeare-gpt"
+
+
+def default_tracking_uri() -> str:
+    """The embedded SQLite store under the project's ``mlruns/``."""
+    return f"sqlite:///{DEFAULT_STORE_DIR / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    return Path(uri[len("sqlite:///") :])
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact location for new experiments: beside a SQLite file, or None to let a server decide."""
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+
+
+def ui_command(uri: str | None = None) -> str:
+    """The shell command that opens ``uri`` (default: the current store) in the MLflow UI."""
+    uri = uri or tracking_uri()
+    db = sqlite_path(uri)
+    if db is None:
+        return f"open {uri} in a browser (the tracking server serves the UI)"
+    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_root(uri)} --port 5000"
+
+
+def connect(uri: str | None = None):
+    """Point MLflow at ``uri`` (default: :func:`tracking_uri`), creating the local folder if needed.
+
+    Returns an ``MlflowClient`` for that store.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The id of experiment ``name``, created (with artifacts beside a SQLite store) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))

@@ -1,0 +1,322 @@
+"""The training loop: AdamW, OneCycle schedule, gradient clipping, stop rules, evaluation and samples.
+
+The trainer knows nothing of MLflow, the terminal or Streamlit. It reports through :class:`Callback` objects:
+``on_train_start(summary)``, ``on_step(step, metrics)``, ``on_eval(step, metrics)``, ``on_sample(step, text)`` and
+``on_train_end(result)``. Every step reports ``loss``, ``avg_loss`` (mean of the last ``avg_window`` steps),
+``best_loss`` (lowest single-step loss so far), ``lr`` (the rate used for that step), ``time_per_batch`` (seconds)
+and ``tokens_per_sec``; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
+from core.device import resolve_device
+from core.errors import UsageError
+from core.model import GPT, parameter_breakdown
+from core.sampling import generate
+from core.tokenizer import Tokenizer, get_tokenizer
+
+
+class Callback:
+    """Receives the trainer's reports. Every hook is optional; the base class does nothing."""
+
+    def on_train_start(self, summary: dict) -> None:
+        """Once, before the first step: model size, data and device facts (see :meth:`Trainer.summary`)."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After every optimizer step (1-based)."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """After every evaluation: ``val_loss`` and ``val_bpc``."""
+
+    def on_sample(self, step: int, text: str) -> None:
+        """After every periodic sample and the final one."""
+
+    def on_train_end(self, result: TrainResult) -> None:
+        """Once, after the final checkpoint is written (also when training was stopped early)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) training produced."""
+
+    steps: int
+    """Optimizer steps taken."""
+    stop_reason: str
+    """``target_loss``, ``max_steps``, ``patience`` or ``stopped: <why>`` (a stop request such as a signal)."""
+    final_loss: float
+    """Training loss of the last step."""
+    avg_loss: float
+    """Running-average training loss at the end."""
+    best_val_loss: float | None
+    """Lowest validation loss seen (None without evaluation)."""
+    best_val_step: int | None
+    """Step of the lowest validation loss."""
+    final_checkpoint: Path
+    """Checkpoint of the last weights."""
+    best_checkpoint: Path | None
+    """Checkpoint of the best-validation weights (None without evaluation)."""
+    seconds: float
+    """Wall time of the loop."""
+    last_eval: dict[str, float] = field(default_factory=dict)
+    """Metrics of the final evaluation."""
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast pays on CUDA only; on CPUs without bf16 units it is hundreds of times slower than fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (matmuls and embeddings), none on biases and LayerNorms."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycle: warm up to ``lr`` over ``warmup_fraction`` of ``max_steps``, then cosine-anneal down."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        total_steps=config.max_steps + 1,  # the schedule is stepped after every step, including the last
+        pct_start=config.warmup_fraction,
+        div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor,
+        anneal_strategy="cos",
+        cycle_momentum=False,  # keep AdamW's betas fixed
+    )
+
+
+class Trainer:
+    """Trains a GPT on a prepared corpus.
+
+    Everything that can be refused (device, corpus, block size) is checked in the constructor, before any work.
+    ``fit(out_dir)`` runs until a stop rule fires: the running-average loss below ``target_loss``, ``max_steps``, the
+    validation patience, or :meth:`request_stop` (e.g. from a signal handler). It always ends with a final
+    evaluation (if enabled), a final sample and a final checkpoint.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        data_config: DataConfig,
+        train_config: TrainConfig,
+        callbacks: Iterable[Callback] = (),
+        *,
+        tokenizer: Tokenizer | None = None,
+        corpus: PreparedCorpus | None = None,
+    ):
+        if data_config.block_size > model_config.block_size:
+            raise UsageError(
+                f"block size {data_config.block_size} is above the model's context of {model_config.block_size}; "
+                f"use --block-size {model_config.block_size} or less"
+            )
+        self.model_config = model_config
+        self.data_config = data_config
+        self.config = train_config
+        self.callbacks = list(callbacks)
+        self.device = resolve_device(train_config.device)
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.corpus = corpus or prepare_corpus(data_config, self.tokenizer)
+        torch.manual_seed(train_config.seed)
+        self.model = GPT(model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, train_config, self.device)
+        self.scheduler = build_scheduler(self.optimizer, train_config)
+        self.batches = TokenBatches(
+            self.corpus.tokens("train"),
+            data_config.batch_size,
+            data_config.block_size,
+            order=data_config.order,
+            seed=data_config.seed,
+        )
+        self._val_tokens = self.corpus.tokens("val")
+        self._stop_reason: str | None = None
+
+    def request_stop(self, why: str) -> None:
+        """Ask the loop to stop after the current step (safe to call from a signal handler)."""
+        self._stop_reason = f"stopped: {why}"
+
+    def summary(self) -> dict:
+        """The reference's header: parameter counts and sizes, tokens loaded, batches per epoch, device."""
+        breakdown = parameter_breakdown(self.model)
+        return {
+            "total_params": breakdown["total_params"],
+            "trainable_params": breakdown["trainable_params"],
+            "size_mb": breakdown["size_mb"],
+            "size_by_component": {c["name"]: c["size_mb"] for c in breakdown["components"]},
+            "params_by_component": {c["name"]: c["params"] for c in breakdown["components"]},
+            "tokens_loaded": self.corpus.train_tokens,
+            "val_tokens": self.corpus.val_tokens,
+            "tokens_per_batch": self.data_config.batch_size * self.data_config.block_size,
+            "batches_per_epoch": self.batches.batches_per_epoch,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "dataset_name": self.corpus.meta["name"],
+            "dataset_sha256": self.corpus.meta["sha256"],
+        }
+
+    def _emit(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per token and bits per character (loss × val tokens / val characters / ln 2)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        B, T = self.data_config.batch_size, self.data_config.block_size
+        if len(self._val_tokens) <= B * T:
+            B = max(1, (len(self._val_tokens) - 1) // T)  # a short validation split still gets evaluated
+        if len(self._val_tokens) <= T:
+            raise UsageError(f"the validation split has {len(self._val_tokens)} tokens, fewer than one block of {T}")
+        for i, (x, y) in enumerate(epoch_batches(self._val_tokens, B, T)):
+            if self.config.eval_batches is not None and i >= self.config.eval_batches:
+                break
+            with _autocast(self.device):
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train()
+        val_loss = total / count
+        meta = self.corpus.meta
+        bpc = val_loss * meta["val_tokens"] / meta["val_characters"] / math.log(2)
+        return {"val_loss": val_loss, "val_bpc": bpc}
+
+    def sample(self, step: int) -> str:
+        """One sample from the current weights, seeded by the step so it is reproducible."""
+        config = SampleConfig(max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=200, seed=step)
+        return generate(self.model, self.tokenizer, self.config.sample_prompt, config).samples[0]
+
+    def fit(self, out_dir: str | Path) -> TrainResult:
+        """Train, then write ``out_dir/final`` (and ``out_dir/best`` when evaluating) and report the result."""
+        out_dir = Path(out_dir)
+        cfg = self.config
+        self._emit("on_train_start", self.summary())
+        self.model.train()
+        window: deque[float] = deque(maxlen=cfg.avg_window)
+        best_loss = math.inf
+        best_val, best_val_step, best_state = math.inf, None, None
+        evals_without_improvement = 0
+        last_eval: dict[str, float] = {}
+        tokens_per_step = self.data_config.batch_size * self.data_config.block_size
+        loss_value = math.nan
+        step = 0
+        stop_reason = "max_steps"
+        loop_start = time.perf_counter()
+
+        last_eval_step = 0
+
+        def run_eval(at_step: int) -> None:
+            nonlocal best_val, best_val_step, best_state, evals_without_improvement, last_eval, last_eval_step
+            last_eval, last_eval_step = self.evaluate(), at_step
+            self._emit("on_eval", at_step, dict(last_eval))
+            if last_eval["val_loss"] < best_val:
+                best_val, best_val_step, evals_without_improvement = last_eval["val_loss"], at_step, 0
+                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                evals_without_improvement += 1
+
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            x, y = self.batches.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            lr = self.optimizer.param_groups[0]["lr"]
+            with _autocast(self.device):
+                _, loss = self.model(x, y)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # waits for the device, so the timing below is honest
+            elapsed = time.perf_counter() - started
+            step += 1
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
+            window.append(loss_value)
+            best_loss = min(best_loss, loss_value)
+            avg_loss = sum(window) / len(window)
+            self._emit(
+                "on_step",
+                step,
+                {
+                    "loss": loss_value,
+                    "avg_loss": avg_loss,
+                    "best_loss": best_loss,
+                    "lr": lr,
+                    "time_per_batch": elapsed,
+                    "tokens_per_sec": tokens_per_step / elapsed,
+                },
+            )
+            if cfg.eval_interval and step % cfg.eval_interval == 0:
+                run_eval(step)
+                if cfg.patience is not None and evals_without_improvement >= cfg.patience:
+                    stop_reason = "patience"
+                    break
+            if cfg.sample_interval and step % cfg.sample_interval == 0:
+                self._emit("on_sample", step, self.sample(step))
+            if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
+                stop_reason = "target_loss"
+                break
+            if self._stop_reason is not None:
+                stop_reason = self._stop_reason
+                break
+
+        seconds = time.perf_counter() - loop_start
+        if cfg.eval_interval and step > last_eval_step:
+            run_eval(step)
+        last_sample_step = step - step % cfg.sample_interval if cfg.sample_interval else 0
+        if step > last_sample_step:
+            self._emit("on_sample", step, self.sample(step))
+
+        metadata = {"step": step, "stop_reason": stop_reason, **last_eval}
+        final_checkpoint = save_checkpoint(self.model, out_dir / "final", metadata)
+        best_checkpoint = None
+        if best_state is not None:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(best_state)
+            best_checkpoint = save_checkpoint(
+                self.model, out_dir / "best", {"step": best_val_step, "val_loss": best_val}
+            )
+            self.model.load_state_dict(current)
+        result = TrainResult(
+            steps=step,
+            stop_reason=stop_reason,
+            final_loss=loss_value,
+            avg_loss=sum(window) / len(window) if window else math.nan,
+            best_val_loss=None if best_val_step is None else best_val,
+            best_val_step=best_val_step,
+            final_checkpoint=final_checkpoint,
+            best_checkpoint=best_checkpoint,
+            seconds=seconds,
+            last_eval=last_eval,
+        )
+        self._emit("on_train_end", result)
+        return result

@@ -1,0 +1,75 @@
+"""The terminal consumer of the trainer's reports: the reference's log lines and a progress bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from core.trainer import Callback, TrainResult
+
+
+class TerminalProgress(Callback):
+    """Prints the run header, a line per ``log_interval`` steps, evaluations, samples and the end.
+
+    On a terminal a one-line progress bar (with ETA) is redrawn in place between log lines; in a file or pipe only
+    whole lines are written, so logs of background jobs stay readable.
+    """
+
+    def __init__(self, max_steps: int, log_interval: int = 10, stream: TextIO | None = None, show_samples=True):
+        self.max_steps = max_steps
+        self.log_interval = max(1, log_interval)
+        self.stream = stream or sys.stdout
+        self.show_samples = show_samples
+        self.is_tty = self.stream.isatty()
+        self._started = time.perf_counter()
+        self._bar_visible = False
+
+    def _line(self, text: str) -> None:
+        if self._bar_visible:
+            self.stream.write("\r\033[K")
+            self._bar_visible = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def on_train_start(self, summary: dict) -> None:
+        self._started = time.perf_counter()
+        self._line(f"total parameters: {summary['total_params']:,} (trainable {summary['trainable_params']:,})")
+        self._line(f"model size: {summary['size_mb']:.2f} MB (fp32)")
+        for name, size in summary["size_by_component"].items():
+            self._line(f"  {name}: {size:.2f} MB")
+        self._line(f"loaded {summary['tokens_loaded']:,} tokens ({summary['dataset_name']})")
+        self._line(f"1 epoch = {summary['batches_per_epoch']:,} batches of {summary['tokens_per_batch']:,} tokens")
+        self._line(f"device: {summary['device']}, {summary['threads']} threads")
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.log_interval == 0 or step == 1:
+            self._line(
+                f"step {step:6d} | loss {metrics['loss']:.4f} | avg_loss {metrics['avg_loss']:.4f} | "
+                f"best_loss {metrics['best_loss']:.4f} | lr {metrics['lr']:.2e} | "
+                f"time/batch {metrics['time_per_batch'] * 1000:.1f} ms | {metrics['tokens_per_sec']:,.0f} tok/s"
+            )
+        if self.is_tty:
+            elapsed = time.perf_counter() - self._started
+            eta = elapsed / step * (self.max_steps - step)
+            done = int(30 * step / self.max_steps)
+            bar = "█" * done + "·" * (30 - done)
+            self.stream.write(
+                f"\r\033[K{bar} {step}/{self.max_steps} avg_loss {metrics['avg_loss']:.4f} "
+                f"ETA {eta:,.0f}s (at most; stops earlier at the target loss)"
+            )
+            self.stream.flush()
+            self._bar_visible = True
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._line(f"step {step:6d} | val_loss {metrics['val_loss']:.4f} | val_bpc {metrics['val_bpc']:.4f}")
+
+    def on_sample(self, step: int, text: str) -> None:
+        if self.show_samples:
+            self._line(f"--- sample at step {step} ---\n{text}\n---")
+
+    def on_train_end(self, result: TrainResult) -> None:
+        self._line(
+            f"stopped after {result.steps} steps ({result.stop_reason}) in {result.seconds:.1f}s; "
+            f"final loss {result.final_loss:.4f}, avg_loss {result.avg_loss:.4f}"
+        )

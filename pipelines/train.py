@@ -1,0 +1,188 @@
+"""Train a GPT on Shakespeare (or any UTF-8 text) with every step logged to MLflow, and register the model.
+
+Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--target-loss X] [--batch-size B]
+       [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
+       [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
+       [--device D] [--seed S]
+
+It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
+or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
+one with --register-best) becomes a new version of the registered model. Ctrl-C or SIGTERM stops after the
+current step, saves a checkpoint and ends the run KILLED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipelines.cli import ArgumentParser, positive_int, run
+
+DEFAULT_TOKENS_PER_BATCH = 2048  # the reference's B·T
+
+
+def build_parser() -> ArgumentParser:
+    from core.config import PRESETS, TINY_SHAKESPEARE_URL, TrainConfig
+    from core.device import DEVICE_CHOICES
+    from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+
+    d = TrainConfig()
+    p = ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)")
+    model.add_argument("--n-layer", type=positive_int, help="override the preset's number of blocks")
+    model.add_argument("--n-head", type=positive_int, help="override the preset's attention heads")
+    model.add_argument("--n-embd", type=positive_int, help="override the preset's width")
+    model.add_argument("--context", type=positive_int, help="override the preset's context length")
+    model.add_argument("--dropout", type=float, help="dropout probability in [0, 1) (default 0)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=TINY_SHAKESPEARE_URL, help="corpus file or URL (default: Tiny Shakespeare)")
+    data.add_argument("--batch-size", type=positive_int, help="sequences per batch (default: 2048 tokens / T)")
+    data.add_argument("--block-size", type=positive_int, help="tokens per sequence T (default: the model context)")
+    data.add_argument(
+        "--order",
+        choices=("sequential", "random"),
+        default="sequential",
+        help="batch order: the reference's sequential windows, or random windows",
+    )
+
+    opt = p.add_argument_group("optimisation and stopping")
+    opt.add_argument("--max-steps", type=int, default=d.max_steps, help=f"step limit (default {d.max_steps:,})")
+    opt.add_argument(
+        "--target-loss",
+        type=float,
+        default=d.target_loss,
+        help=f"stop when the {d.avg_window}-step average loss is below this; 0 disables (default 0.1)",
+    )
+    opt.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=d.warmup_fraction,
+        help=f"share of the schedule spent warming up (default {d.warmup_fraction})",
+    )
+    opt.add_argument(
+        "--final-div-factor",
+        type=float,
+        default=d.final_div_factor,
+        help=f"final lr = lr / 25 / this (default {d.final_div_factor:g})",
+    )
+    opt.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})",
+    )
+    opt.add_argument("--beta1", type=float, default=d.beta1, help=f"AdamW beta1 (default {d.beta1})")
+    opt.add_argument("--beta2", type=float, default=d.beta2, help=f"AdamW beta2 (default {d.beta2})")
+    opt.add_argument("--eps", type=float, default=d.eps, help=f"AdamW epsilon (default {d.eps:g})")
+    opt.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip; 0 disables (default 0.5)"
+    )
+    opt.add_argument(
+        "--eval-interval",
+        type=int,
+        default=d.eval_interval,
+        help=f"validate every N steps and at the end; 0 disables (default {d.eval_interval})",
+    )
+    opt.add_argument("--eval-batches", type=positive_int, help="validation batches per eval (default: all)")
+    opt.add_argument("--patience", type=positive_int, help="stop after N evals without a better val loss")
+    opt.add_argument(
+        "--sample-interval",
+        type=int,
+        default=d.sample_interval,
+        help=f"log a text sample every N steps and at the end; 0 = end only (default {d.sample_interval})",
+    )
+    opt.add_argument(
+        "--sample-prompt", default=d.sample_prompt, help=f"prompt of the samples (default {d.sample_prompt!r})"
+    )
+    opt.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    opt.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = CUDA, then MPS, then CPU")
+
+    track = p.add_argument_group("tracking and registry")
+    track.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})"
+    )
+    track.add_argument("--run-name", help="MLflow run name (default: generated)")
+    track.add_argument(
+        "--register-as", default=DEFAULT_MODEL_NAME, help=f"registered model name (default {DEFAULT_MODEL_NAME})"
+    )
+    track.add_argument("--alias", help="point this alias (e.g. champion) at the new version")
+    track.add_argument("--register-best", action="store_true", help="register the best-validation checkpoint")
+    track.add_argument("--log-interval", type=positive_int, default=10, help="terminal line every N steps (default 10)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+    from core.experiment import run_training
+    from core.store import tracking_uri
+    from pipelines.progress import TerminalProgress
+
+    model_config = ModelConfig.from_preset(
+        args.preset,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        block_size=args.context,
+        dropout=args.dropout,
+    )
+    block_size = args.block_size or model_config.block_size
+    batch_size = args.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
+    data_config = DataConfig(
+        source=args.data, batch_size=batch_size, block_size=block_size, order=args.order, seed=args.seed
+    )
+    train_config = TrainConfig(
+        max_steps=args.max_steps,
+        target_loss=args.target_loss,
+        lr=args.lr,
+        warmup_fraction=args.warmup_fraction,
+        final_div_factor=args.final_div_factor,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
+        patience=args.patience,
+        sample_interval=args.sample_interval,
+        sample_prompt=args.sample_prompt,
+        seed=args.seed,
+        device=args.device,
+    )
+    tracking = TrackingConfig(
+        experiment=args.experiment,
+        run_name=args.run_name,
+        register_as=args.register_as,
+        alias=args.alias,
+        register_best=args.register_best,
+        preset=args.preset,
+    )
+    print(f"tracking store: {tracking_uri()}")
+    progress = TerminalProgress(train_config.max_steps, log_interval=args.log_interval)
+    outcome = run_training(
+        model_config,
+        data_config,
+        train_config,
+        tracking,
+        [progress],
+        on_run_created=lambda run_id: print(f"mlflow run: {run_id}", flush=True),
+    )
+    print(f"run {outcome.run_id} ended {outcome.status}")
+    if outcome.model_version is not None:
+        print(
+            f"registered model: {outcome.model_name} version {outcome.model_version}"
+            + (f" (alias @{tracking.alias})" if tracking.alias else "")
+        )
+        print(
+            f"generate: python -m pipelines.generate --model {outcome.model_name}/{outcome.model_version} "
+            '--prompt "ROMEO:"'
+        )
+        return 0
+    return 130 if outcome.status == "KILLED" else 1
+
+
+if __name__ == "__main__":
+    run(main)
