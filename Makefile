@@ -19,10 +19,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup data app test lint
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,7 +32,7 @@ data: setup
 	$(PY) -m pipelines.prepare_data --source "$(DATA_SOURCE)"
 
 app: data
-	$(PY) -m streamlit run app/Home.py
+	$(VENV)/bin/streamlit run app/Home.py
 
 lint: setup
 	$(PY) -m ruff check app core pipelines tests

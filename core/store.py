@@ -7,14 +7,25 @@ tracking server, which then decides where artifacts go).
 
 from __future__ import annotations
 
+import logging
 import os
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
+
+from core.errors import StudioError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE_DIR = REPO_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "shakespeare-gpt"
 DEFAULT_MODEL_NAME = "shakespeare-gpt"
+SERVER_CHECK_TIMEOUT_S = 5.0
+"""How long :func:`connect` waits for a tracking server's health check (MLflow's own client retries for minutes)."""
+
+
+class StoreError(StudioError):
+    """The tracking store cannot be used as configured (an unreachable server, a bad URI)."""
 
 
 def default_tracking_uri() -> str:
@@ -50,18 +61,45 @@ def ui_command(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_root(uri)} --port 5000"
 
 
+def check_server(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> None:
+    """Raise :class:`StoreError` unless the ``http(s)://`` tracking server at ``uri`` answers its health check.
+
+    Without this, MLflow's client retries an unreachable server with backoff for minutes before failing.
+    """
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - the user's own server
+            response.read(64)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # an authenticating server: it is there; MLflow's client sends the credentials
+            return
+        raise StoreError(f"the MLflow tracking server at {uri} answered {exc.code} to {health}; is it MLflow?") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StoreError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or unset MLFLOW_TRACKING_URI "
+            "to use the local store under mlruns/"
+        ) from exc
+
+
 def connect(uri: str | None = None):
     """Point MLflow at ``uri`` (default: :func:`tracking_uri`), creating the local folder if needed.
 
-    Returns an ``MlflowClient`` for that store.
+    Returns an ``MlflowClient`` for that store. Raises :class:`StoreError` for a tracking server that does not
+    answer within :data:`SERVER_CHECK_TIMEOUT_S`, or a URI scheme MLflow cannot use.
     """
     import mlflow
     from mlflow import MlflowClient
 
     uri = uri or tracking_uri()
+    scheme = urllib.parse.urlparse(uri).scheme
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow announces creating and migrating the tables at INFO on every first use; not news to a user.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    elif scheme in ("http", "https"):
+        check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

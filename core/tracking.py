@@ -45,6 +45,8 @@ class MlflowLogger(Callback):
         self._closed = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.background_cpu_seconds = 0.0
+        """CPU time the background thread has spent sending (what it takes from the training's cores)."""
         if asynchronous:
             self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
             self._thread.start()
@@ -135,11 +137,14 @@ class MlflowLogger(Callback):
             self._wake.wait(self.flush_interval)
             if self._closed:
                 return  # close() does the final flush from the caller's thread
+            started = time.thread_time()
             try:
                 self.flush()
             except Exception as exc:  # surfaced by the next log() or by close(), never dropped
                 self._error = exc
                 return
+            finally:
+                self.background_cpu_seconds += time.thread_time() - started
 
     def _raise_worker_error(self) -> None:
         if self._error is not None:

@@ -1,7 +1,8 @@
 """Shared plumbing for the command-line entry points: one-line errors and exit codes.
 
 A user mistake (bad argument, bad file, missing cache) prints ``error: <what to do>`` on stderr and exits 2;
-it never shows a traceback. Anything else is a bug and keeps its traceback.
+it never shows a traceback. A failure of the MLflow store (an ``MlflowException``: a broken database, a server
+error) prints ``error: MLflow: <message>`` and exits 1. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +41,18 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except (StudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except Exception as exc:
+        if not _is_mlflow_error(exc):
+            raise
+        print(f"error: MLflow: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)
+
+
+def _is_mlflow_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an ``MlflowException`` (checked without importing MLflow into tools that never use it)."""
+    module = sys.modules.get("mlflow.exceptions")
+    return module is not None and isinstance(exc, module.MlflowException)

@@ -1,7 +1,11 @@
-"""Generate Shakespeare-style text from a saved checkpoint.
+"""Generate Shakespeare-style text from a registered model or a checkpoint folder.
 
-Usage: python -m pipelines.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--num-samples K]
-       [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device auto|cpu|cuda|mps] [--json]
+Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS | --checkpoint DIR] --prompt TEXT
+       [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+       [--device auto|cpu|cuda|mps] [--json]
+
+Without --model or --checkpoint it uses the latest version of the registered model ``shakespeare-gpt`` in the
+tracking store (``MLFLOW_TRACKING_URI``, default the SQLite store under ``mlruns/``).
 
 One sample streams to stdout as it is produced; several are printed one after another under a header each.
 --json prints {"samples": [...], "tokens_per_sec": ...}, each sample being the prompt plus its continuation.
@@ -19,7 +23,13 @@ from pipelines.cli import ArgumentParser, run
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m pipelines.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder to generate from")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        metavar="REF",
+        help="registered model: NAME (latest version), NAME/VERSION or NAME@ALIAS (default: shakespeare-gpt)",
+    )
+    source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to generate from instead")
     parser.add_argument("--prompt", required=True, help="text to continue (cropped to its last tokens if too long)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=200, help=f"new tokens per sample, 1..{MAX_NEW_TOKENS_CAP} (default 200)"
@@ -58,7 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_at_eot=not args.no_eot_stop,
     )
     tokenizer = get_tokenizer()
-    model, _ = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    if args.checkpoint is not None:
+        model, _ = load_checkpoint(args.checkpoint, device=device)
+    else:
+        from core.registry import load_registered_model
+        from core.store import DEFAULT_MODEL_NAME, connect
+
+        model, version, _ = load_registered_model(connect(), args.model or DEFAULT_MODEL_NAME, device=device)
+        print(f"model: {version.name}/{version.version} (run {version.run_id})", file=sys.stderr)
     stream = TextStream(model, tokenizer, args.prompt, config)
     if stream.prompt_cropped:
         print(

@@ -3,19 +3,28 @@
 Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--target-loss X] [--batch-size B]
        [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
        [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
-       [--device D] [--seed S]
+       [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
 or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
 one with --register-best) becomes a new version of the registered model. Ctrl-C or SIGTERM stops after the
 current step, saves a checkpoint and ends the run KILLED.
+
+With --job-dir (used by the studio app's background jobs, see core/jobs.py) the run id, live progress and the
+outcome are also written to that folder, and the run is tagged with the job id and process id.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipelines.cli import ArgumentParser, positive_int, run
+
+if TYPE_CHECKING:
+    from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+    from core.jobs import JobRecorder
 
 DEFAULT_TOKENS_PER_BATCH = 2048  # the reference's B·T
 
@@ -110,15 +119,20 @@ def build_parser() -> ArgumentParser:
     track.add_argument("--alias", help="point this alias (e.g. champion) at the new version")
     track.add_argument("--register-best", action="store_true", help="register the best-validation checkpoint")
     track.add_argument("--log-interval", type=positive_int, default=10, help="terminal line every N steps (default 10)")
+    track.add_argument(
+        "--checkpoint-root", help="folder for local checkpoints, one per run (default: mlruns/checkpoints)"
+    )
+    track.add_argument(
+        "--job-dir",
+        help="record the run id, live progress and the outcome in this folder "
+        "(used by the studio app to run training as a background job)",
+    )
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig]:
+    """The validated configs of parsed arguments; a bad value raises ``ValueError`` with a one-line message."""
     from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
-    from core.experiment import run_training
-    from core.store import tracking_uri
-    from pipelines.progress import TerminalProgress
 
     model_config = ModelConfig.from_preset(
         args.preset,
@@ -159,17 +173,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         alias=args.alias,
         register_best=args.register_best,
         preset=args.preset,
+        checkpoint_root=args.checkpoint_root,
     )
+    return model_config, data_config, train_config, tracking
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.job_dir is None:
+        return train(args)
+    from core.jobs import JobRecorder
+
+    with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
+        return train(args, job)
+
+
+def train(args: argparse.Namespace, job: JobRecorder | None = None) -> int:
+    """Train as ``args`` ask, reporting to the terminal (and to ``job``); returns the exit code."""
+    from core.experiment import run_training
+    from core.store import tracking_uri
+    from pipelines.progress import TerminalProgress
+
+    model_config, data_config, train_config, tracking = build_configs(args)
     print(f"tracking store: {tracking_uri()}")
-    progress = TerminalProgress(train_config.max_steps, log_interval=args.log_interval)
-    outcome = run_training(
-        model_config,
-        data_config,
-        train_config,
-        tracking,
-        [progress],
-        on_run_created=lambda run_id: print(f"mlflow run: {run_id}", flush=True),
-    )
+    callbacks = [TerminalProgress(train_config.max_steps, log_interval=args.log_interval)]
+    if job is not None:
+        callbacks.append(job.progress_recorder(train_config.max_steps))
+
+    def on_run_created(run_id: str) -> None:
+        print(f"mlflow run: {run_id}", flush=True)
+        if job is not None:
+            job.run_created(run_id)
+
+    outcome = run_training(model_config, data_config, train_config, tracking, callbacks, on_run_created=on_run_created)
+    code = 0 if outcome.model_version is not None else (130 if outcome.status == "KILLED" else 1)
+    if job is not None:
+        job.record_outcome(outcome, code)
     print(f"run {outcome.run_id} ended {outcome.status}")
     if outcome.model_version is not None:
         print(
@@ -180,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"generate: python -m pipelines.generate --model {outcome.model_name}/{outcome.model_version} "
             '--prompt "ROMEO:"'
         )
-        return 0
-    return 130 if outcome.status == "KILLED" else 1
+    return code
 
 
 if __name__ == "__main__":

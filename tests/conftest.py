@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,61 @@ def shakespeare_path() -> Path:
     if candidate.is_file():
         return candidate
     pytest.skip("Tiny Shakespeare not found: run `make data` or set SHAKESPEARE_SOURCE")
+
+
+# The app's pages import their shared module as `studio_ui`, as `streamlit run app/Home.py` makes possible.
+if str(REPO / "app") not in sys.path:
+    sys.path.insert(0, str(REPO / "app"))
+
+APP = REPO / "app"
+"""The Streamlit app's folder; pages live in APP / "pages"."""
+
+
+@pytest.fixture
+def studio_store(tmp_path, monkeypatch, tiny_checkpoint) -> str:
+    """A temporary tracking store, made the current one, holding two finished runs with per-step metrics and a
+    tiny registered model ``shakespeare-gpt`` (version 1, alias ``champion``, linked to the second run)."""
+    from mlflow.entities import Metric, Param
+
+    from core.registry import log_and_register
+    from core.store import connect, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = connect(uri)
+    experiment_id = ensure_experiment(client, "shakespeare-gpt")
+    now = 1_790_000_000_000
+    for index, lr in enumerate(("6e-4", "3e-4")):
+        run_id = client.create_run(experiment_id, run_name=f"run-{index}", start_time=now + index).info.run_id
+        params = {"preset": "tiny", "lr": lr, "batch_size": "4", "block_size": "32", "max_steps": "50"}
+        metrics = []
+        for step in range(1, 51):
+            loss = 10.0 / (1 + step * (index + 1) / 10)
+            stamp = now + step * 1000
+            metrics += [Metric("loss", loss, stamp, step), Metric("avg_loss", loss * 1.1, stamp, step)]
+            metrics += [Metric("best_loss", loss, stamp, step), Metric("lr", 6e-4, stamp, step)]
+            metrics += [Metric("time_per_batch", 0.05, stamp, step), Metric("tokens_per_sec", 2560.0, stamp, step)]
+        metrics += [Metric("val_loss", 5.0 - index, now + 50_000, 50), Metric("val_bpc", 2.0, now + 50_000, 50)]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        client.set_tag(run_id, "device", "cpu")
+        client.set_terminated(run_id, "FINISHED", end_time=now + 60_000)
+    log_and_register(client, run_id, tiny_checkpoint, name="shakespeare-gpt", alias="champion")
+    return uri
+
+
+@pytest.fixture
+def empty_store(tmp_path, monkeypatch) -> str:
+    """A temporary, empty tracking store, made the current one."""
+    uri = f"sqlite:///{tmp_path / 'empty' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def app_page(page: str, timeout: float = 60):
+    """An AppTest of ``page`` ("pages/4_Generate.py", ...) in the real multipage app: entered through Home.py, as
+    the sidebar does, so links between pages resolve. Not yet run."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(str(APP / "Home.py"), default_timeout=timeout)
+    app.switch_page(page)
+    return app

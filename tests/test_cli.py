@@ -158,3 +158,37 @@ def test_inspect_bad_input():
     assert_usage_error(cli("pipelines.inspect", "--preset", "huge"), "invalid choice")
     assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-head", "3"), "divisible")
     assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-layer", "-1"), "positive integer")
+
+
+def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, tmp_path, monkeypatch):
+    from core.registry import log_and_register
+    from core.store import connect, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    client = connect(uri)
+    run = client.create_run(ensure_experiment(client, "cli"))
+    log_and_register(client, run.info.run_id, tiny_checkpoint, name="bard", alias="champion")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for ref in ("bard/1", "models:/bard@champion"):  # every form of reference is resolved in test_registry
+        result = cli("pipelines.generate", "--model", ref, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["samples"][0].startswith("ROMEO:")
+        assert "model: bard/1" in result.stderr
+    assert_usage_error(cli("pipelines.generate", "--model", "bard/7", "--prompt", "x"), "has no version 7")
+    assert_usage_error(cli("pipelines.generate", "--model", "bard@prod", "--prompt", "x"), "@champion (version 1)")
+    # With nothing given, the default name is looked up and its absence is explained.
+    assert_usage_error(cli("pipelines.generate", "--prompt", "x"), "registered models: bard")
+    both = cli("pipelines.generate", "--model", "bard", "--checkpoint", str(tiny_checkpoint), "--prompt", "x")
+    assert_usage_error(both, "not allowed with argument")
+
+
+def test_generate_with_an_empty_store_says_how_to_get_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert_usage_error(cli("pipelines.generate", "--prompt", "x"), "no model is registered yet")
+
+
+def test_an_unreachable_tracking_server_is_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert_usage_error(
+        cli("pipelines.generate", "--prompt", "x", timeout=60), "cannot reach the MLflow tracking server"
+    )

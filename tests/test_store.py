@@ -1,0 +1,66 @@
+"""Where the tracking store lives, and how an unusable one is reported."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import pytest
+
+from core import store
+from core.store import StoreError
+
+
+def test_the_default_store_is_sqlite_under_mlruns(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = store.tracking_uri()
+    assert uri == f"sqlite:///{store.REPO_ROOT / 'mlruns' / 'mlflow.db'}"
+    assert store.sqlite_path(uri) == store.REPO_ROOT / "mlruns" / "mlflow.db"
+    assert store.artifact_root(uri) == (store.REPO_ROOT / "mlruns" / "artifacts").as_uri()
+    assert store.ui_command(uri).startswith(f"mlflow ui --backend-store-uri {uri} ")
+
+
+def test_the_environment_overrides_the_store(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert store.tracking_uri() == f"sqlite:///{tmp_path}/other.db"
+    client = store.connect()
+    assert (tmp_path / "other.db").is_file()
+    experiment_id = store.ensure_experiment(client, "x")
+    assert store.ensure_experiment(client, "x") == experiment_id  # idempotent
+    assert client.get_experiment(experiment_id).artifact_location == (tmp_path / "artifacts").as_uri()
+
+
+def test_an_unreachable_server_is_reported_at_once():
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        store.connect("http://127.0.0.1:9")
+    assert time.monotonic() - started < store.SERVER_CHECK_TIMEOUT_S + 1
+
+
+@pytest.mark.parametrize(("status", "ok"), [(200, True), (403, True), (404, False)])
+def test_a_server_is_checked_through_its_health_endpoint(status, ok):
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's hook
+            seen.append(self.path)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        if ok:
+            store.check_server(uri)
+        else:
+            with pytest.raises(StoreError, match="answered 404"):
+                store.check_server(uri)
+    finally:
+        server.shutdown()
+    assert seen == ["/health"]
