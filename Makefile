@@ -32,7 +32,7 @@ data: setup
 	$(PY) -m pipelines.prepare_data --source "$(DATA_SOURCE)"
 
 app: data
-	$(VENV)/bin/streamlit run app/Home.py
+	SHAKESPEARE_SOURCE="$(DATA_SOURCE)" $(VENV)/bin/streamlit run app/Home.py
 
 lint: setup
 	$(PY) -m ruff check app core pipelines tests

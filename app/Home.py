@@ -1,24 +1,69 @@
-"""Home page of the Shakespeare GPT studio: what it is and how to use it.
+"""Home page of the Shakespeare GPT studio: what it is, where its data lives, what is running.
 
 Run with: streamlit run app/Home.py
 """
 
 import streamlit as st
+import studio_ui as ui
 
-st.set_page_config(page_title="Shakespeare GPT studio", page_icon="🎭", layout="wide")
+from core.jobs import list_jobs
+from core.store import tracking_uri
 
-st.title("🎭 Shakespeare GPT studio")
+ui.setup_page("Shakespeare GPT studio", "🎭")
 st.markdown(
     """
-A GPT-2-style transformer (12 blocks, 124,439,808 parameters in the reference design, GPT-2 BPE, context 1024)
-that you train on Shakespeare's plays, compare and generate from.
+Train, compare and use a Shakespeare-style text generator. The model is a GPT-2-style transformer (the reference
+design: 12 blocks, 124,439,808 parameters, GPT-2 BPE, context 1024) trained on Shakespeare's plays. Every training
+step is tracked in MLflow and every finished run registers its model in the MLflow Model Registry.
 
-Until the studio's other pages land, its engine is used from the command line:
+1. **Train** a model: pick a preset and hyperparameters; the run trains in the background and you can watch it.
+2. **Compare Runs**: overlay the loss curves and parameters of several runs.
+3. **Architecture**: see the transformer's layers and where its parameters are.
+4. **Generate**: pick a registered model and write Shakespeare.
 """
 )
-st.code(
-    """python -m pipelines.prepare_data                      # Tiny Shakespeare → 301,966 / 36,059 tokens
-python -m pipelines.inspect --preset gpt2             # parameter breakdown (124,439,808 · 474.70 MB)
-python -m pipelines.generate --checkpoint DIR --prompt "ROMEO:" --num-samples 3""",
-    language="bash",
-)
+
+cols = st.columns(4)
+with cols[0]:
+    ui.page_link("Train", icon="🏋️")
+with cols[1]:
+    ui.page_link("Compare Runs", icon="📈")
+with cols[2]:
+    ui.page_link("Architecture", icon="🧱")
+with cols[3]:
+    ui.page_link("Generate", icon="✒️")
+
+uri = tracking_uri()
+st.subheader("Tracking store")
+st.markdown(f"Runs and models are stored in `{uri}`. Open the same store in the MLflow UI with:")
+ui.mlflow_ui_hint()
+st.caption("Set MLFLOW_TRACKING_URI before starting the studio to use another store, e.g. a shared tracking server.")
+
+all_runs = ui.safely("Reading the runs failed", ui.runs, uri)
+models = ui.safely("Reading the model registry failed", ui.registered_models, uri)
+jobs = ui.safely("Reading the training jobs failed", list_jobs)
+active = [job for job in jobs if job.is_active]
+
+metrics = st.columns(4)
+metrics[0].metric("Runs", len(all_runs))
+metrics[1].metric("Finished runs", int((all_runs["status"] == "FINISHED").sum()) if len(all_runs) else 0)
+metrics[2].metric("Registered models", models["name"].nunique() if len(models) else 0)
+metrics[3].metric("Model versions", len(models))
+
+st.subheader("Active training jobs")
+if not active:
+    st.caption("No training is running.")
+for job in active:
+    progress = job.progress or {}
+    step, total = progress.get("step", 0), progress.get("max_steps") or 1
+    label = job.label or job.job_id
+    st.progress(min(1.0, step / total), text=f"{label}: step {step:,} of {total:,} ({job.state})")
+if jobs:
+    ui.page_link("Train", label="Manage training jobs", icon="🏋️")
+
+if len(models):
+    st.subheader("Latest registered versions")
+    latest = models.drop_duplicates("name")[["name", "version", "aliases", "created", "run_id"]]
+    st.dataframe(latest, hide_index=True, width="stretch")
+else:
+    st.info("No model is registered yet: start a run on the Train page and it registers one when it finishes.")

@@ -1,0 +1,266 @@
+"""Train: a form that starts a training run as a background process, and a live view of every job."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import plotly.graph_objects as go
+import streamlit as st
+import studio_ui as ui
+
+from core.config import PRESETS, TINY_SHAKESPEARE_URL, DataConfig, ModelConfig, TrainConfig
+from core.device import DEVICE_CHOICES
+from core.jobs import cancel_job, delete_job, list_jobs, start_job
+from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPO_ROOT, tracking_uri
+
+REFRESH_S = 2.0
+ESTIMATE_BUDGET_S = 3.0
+"""Time allowed for timing real steps when no earlier run of the same shape says how long a step takes."""
+STATE_BADGES = {
+    "starting": "🟡 starting",
+    "running": "🟢 running",
+    "cancelling": "🟠 cancelling",
+    "finished": "✅ finished",
+    "killed": "⏹️ cancelled",
+    "failed": "❌ failed",
+    "died": "💀 process died",
+    "unknown": "❔ unreadable",
+}
+
+ui.setup_page("Train", "🏋️")
+defaults = TrainConfig()
+uri = tracking_uri()
+
+
+@st.cache_data(show_spinner="Preparing the corpus…")
+def corpus_facts(source: str) -> dict:
+    """Token counts of ``source`` (prepared once into data/, as the trainer does)."""
+    from core.data import prepare_corpus
+    from core.tokenizer import get_tokenizer
+
+    return prepare_corpus(DataConfig(source=source, cache_dir=str(REPO_ROOT / "data")), get_tokenizer()).meta
+
+
+@st.cache_data(show_spinner="Timing a few training steps on this device…", max_entries=32)
+def estimate(
+    model_config: ModelConfig,
+    batch: int,
+    block: int,
+    max_steps: int,
+    device: str,
+    train_tokens: int,
+    history: tuple[float, ...],
+):
+    from core.config import TrainConfig as _TrainConfig
+    from core.estimate import estimate_training
+
+    data = DataConfig(source="estimate", batch_size=batch, block_size=block)
+    return estimate_training(
+        model_config,
+        data,
+        _TrainConfig(max_steps=max_steps),
+        train_tokens=train_tokens,
+        history_step_seconds=list(history) or None,
+        device=device,
+        time_budget=ESTIMATE_BUDGET_S,
+    )
+
+
+def earlier_step_times(preset: str, batch: int, block: int, device: str) -> tuple[float, ...]:
+    """``time_per_batch`` of finished runs with the same shape on the same kind of device."""
+    runs = ui.runs(uri)
+    needed = ["params.preset", "params.batch_size", "params.block_size", "tags.device", "metrics.time_per_batch"]
+    if runs.empty or any(column not in runs for column in needed):
+        return ()
+    same = runs[
+        (runs["status"] == "FINISHED")
+        & (runs["params.preset"] == preset)
+        & (runs["params.batch_size"] == str(batch))
+        & (runs["params.block_size"] == str(block))
+        & runs["tags.device"].astype(str).str.startswith(device)
+    ]
+    return tuple(float(v) for v in same["metrics.time_per_batch"].dropna())
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+# --- the form -------------------------------------------------------------------------------------------------------
+
+st.subheader("Start a training run")
+source = os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL
+with st.form("train"):
+    shape, optimisation, tracking = st.columns(3)
+    with shape:
+        st.markdown("**Model and data**")
+        preset = st.selectbox("Preset", sorted(PRESETS), index=sorted(PRESETS).index("tiny"))
+        base = ModelConfig.from_preset(preset)
+        block = st.number_input("Block size T (tokens per sequence)", 8, base.block_size, min(base.block_size, 128))
+        batch = st.number_input("Batch size B (sequences)", 1, 512, max(1, 2048 // int(block)))
+        data_source = st.text_input("Corpus (file or URL)", source)
+        device = st.selectbox("Device", DEVICE_CHOICES, help="auto picks CUDA, then MPS, then CPU")
+    with optimisation:
+        st.markdown("**Optimisation and stopping**")
+        max_steps = st.number_input("Max steps", 1, 1_000_000, defaults.max_steps)
+        target_loss = st.number_input("Target avg loss (0 = off)", 0.0, 20.0, defaults.target_loss, format="%.3f")
+        lr = st.number_input("Peak learning rate", 1e-6, 1.0, defaults.lr, format="%.1e")
+        weight_decay = st.number_input("Weight decay", 0.0, 1.0, defaults.weight_decay)
+        grad_clip = st.number_input("Gradient clip (0 = off)", 0.0, 100.0, defaults.grad_clip)
+        eval_interval = st.number_input("Eval interval (steps, 0 = end only)", 0, 1_000_000, defaults.eval_interval)
+        sample_interval = st.number_input("Sample interval (steps)", 0, 1_000_000, defaults.sample_interval)
+        patience = st.number_input("Patience (evals, 0 = off)", 0, 1000, 0)
+        seed = st.number_input("Seed", 0, 2**31 - 1, defaults.seed)
+    with tracking:
+        st.markdown("**Tracking**")
+        experiment = st.text_input("Experiment", DEFAULT_EXPERIMENT)
+        run_name = st.text_input("Run name (optional)")
+        register_as = st.text_input("Register as", DEFAULT_MODEL_NAME)
+        alias = st.text_input("Alias (optional)", placeholder="champion")
+        register_best = st.checkbox("Register the best-validation checkpoint")
+    submitted = st.form_submit_button("Start training", type="primary")
+
+facts = ui.safely("The corpus cannot be used", corpus_facts, data_source)
+model_config = ModelConfig.from_preset(preset)
+history = earlier_step_times(preset, int(batch), int(block), device if device != "auto" else "cpu")
+guess = ui.safely(
+    "Estimating the run failed",
+    estimate,
+    model_config,
+    int(batch),
+    int(block),
+    int(max_steps),
+    device,
+    int(facts["train_tokens"]),
+    history,
+)
+e1, e2, e3, e4 = st.columns(4)
+e1.metric("Tokens per epoch", f"{guess.tokens_per_epoch:,}", help=f"{guess.batches_per_epoch:,} batches of B·T")
+e2.metric("Epochs in max steps", f"{guess.epochs:.2f}")
+e3.metric("Time per step", f"{guess.seconds_per_step * 1000:,.0f} ms", help=guess.method)
+e4.metric(
+    "Time for max steps", duration(guess.total_seconds), help="an upper bound: the target loss may stop it sooner"
+)
+
+if submitted:
+    args = ["--preset", preset, "--block-size", str(int(block)), "--batch-size", str(int(batch))]
+    args += ["--data", data_source, "--device", device, "--max-steps", str(int(max_steps))]
+    args += ["--target-loss", repr(float(target_loss)), "--lr", repr(float(lr))]
+    args += ["--weight-decay", repr(float(weight_decay)), "--grad-clip", repr(float(grad_clip))]
+    args += ["--eval-interval", str(int(eval_interval)), "--sample-interval", str(int(sample_interval))]
+    args += ["--seed", str(int(seed)), "--experiment", experiment, "--register-as", register_as]
+    if patience:
+        args += ["--patience", str(int(patience))]
+    if run_name.strip():
+        args += ["--run-name", run_name.strip()]
+    if alias.strip():
+        args += ["--alias", alias.strip()]
+    if register_best:
+        args.append("--register-best")
+    job = ui.safely("The run was not started", start_job, args, label=run_name.strip() or None)
+    st.toast(f"Started training job {job.job_id} (pid {job.pid})", icon="🚀")
+
+
+# --- the jobs -------------------------------------------------------------------------------------------------------
+
+
+def loss_chart(run_id: str, step: int):
+    data = ui.histories(uri, (run_id,), ("loss", "avg_loss", "best_loss"), 600, str(step))
+    figure = go.Figure()
+    for metric, series in data.groupby("metric", sort=False):
+        figure.add_trace(go.Scatter(x=series["step"], y=series["value"], mode="lines", name=metric))
+    figure.update_layout(
+        title="Training loss",
+        xaxis_title="step",
+        yaxis_title="loss (nats per token)",
+        height=300,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return figure
+
+
+def act(what: str, action, job_id: str) -> None:
+    """Run a job action from a button callback; a failure is kept for the next render to show."""
+    from core.errors import StudioError
+
+    try:
+        action(job_id)
+    except (StudioError, OSError) as exc:
+        st.session_state["job_error"] = f"{what}: {exc}"
+
+
+def show_job(job) -> None:
+    progress = job.progress or {}
+    step, total = int(progress.get("step") or 0), int(progress.get("max_steps") or 1)
+    title = job.label or (job.run_id and f"run {job.run_id[:8]}") or job.job_id
+    with st.container(border=True):
+        head, actions = st.columns([4, 1])
+        head.markdown(f"**{title}** · {STATE_BADGES.get(job.state, job.state)} · job `{job.job_id}` · pid {job.pid}")
+        # Callbacks, not `if st.button(...)`: they run before the (fragment) rerun that follows the click, so the
+        # rerun already shows the job stopped or gone.
+        if job.is_active:
+            actions.button(
+                "Cancel",
+                key=f"cancel-{job.job_id}",
+                help="stop the whole process; the run ends KILLED",
+                on_click=act,
+                args=("Cancelling failed", cancel_job, job.job_id),
+            )
+        else:
+            actions.button(
+                "Remove from list",
+                key=f"remove-{job.job_id}",
+                help="forget the job; its MLflow run and model are kept",
+                on_click=act,
+                args=("Removing the job failed", delete_job, job.job_id),
+            )
+        if job.reason and job.state in ("failed", "died", "unknown"):
+            st.error(job.reason)
+        st.progress(min(1.0, step / total), text=f"step {step:,} of {total:,}")
+        if progress:
+            m = st.columns(5)
+            m[0].metric("loss", f"{progress.get('loss', float('nan')):.4f}")
+            m[1].metric("avg loss", f"{progress.get('avg_loss', float('nan')):.4f}")
+            m[2].metric("best loss", f"{progress.get('best_loss', float('nan')):.4f}")
+            m[3].metric("tokens/s", f"{progress.get('tokens_per_sec', 0):,.0f}")
+            m[4].metric(
+                "ETA" if job.is_active else "elapsed",
+                duration(progress.get("eta_s") if job.is_active else progress.get("elapsed_s")),
+            )
+        if job.run_id and step:
+            st.plotly_chart(loss_chart(job.run_id, step), key=f"chart-{job.job_id}-{step}", width="stretch")
+        if job.model_version:
+            st.success(f"Registered **{job.model_name}** version **{job.model_version}**")
+            ui.page_link(
+                "Generate",
+                label=f"Generate with {job.model_name}/{job.model_version}",
+                icon="✒️",
+                model=job.model_name,
+                version=str(job.model_version),
+            )
+        with st.expander("Log"):
+            st.code(job.log_tail(40) or "(empty)", language="text")
+
+
+@st.fragment(run_every=REFRESH_S)
+def jobs_panel() -> None:
+    if "job_error" in st.session_state:
+        st.error(st.session_state.pop("job_error"))
+    jobs = ui.safely("Reading the training jobs failed", list_jobs)
+    active = sum(job.is_active for job in jobs)
+    st.subheader(f"Training jobs ({active} running)" if jobs else "Training jobs")
+    st.caption(f"Refreshed every {REFRESH_S:g} s · {time.strftime('%H:%M:%S')}")
+    if not jobs:
+        st.info("No training jobs yet. Fill in the form above and press **Start training**.")
+    for job in jobs:
+        show_job(job)
+
+
+jobs_panel()

@@ -1,0 +1,112 @@
+"""What every page of the studio shares: page setup, the store connection and cached readers over ``core``.
+
+Streamlit puts ``app/`` on ``sys.path`` when it runs ``app/Home.py``, so pages import this module as
+``studio_ui``. Loaders are cached: the MLflow client and loaded models with ``st.cache_resource`` (one object
+for every session), store listings with ``st.cache_data`` and a short TTL, so the pages stay current while a
+rerun does not query the store again and again. Readers raise; pages show the error with :func:`show_error`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core import runs as run_queries
+from core.errors import StudioError
+from core.registry import list_registered_models, load_registered_model
+from core.store import connect, tracking_uri, ui_command
+
+APP_DIR = Path(__file__).resolve().parent
+PAGES = {
+    "Home": "Home.py",
+    "Train": "pages/1_Train.py",
+    "Compare Runs": "pages/2_Compare_Runs.py",
+    "Architecture": "pages/3_Architecture.py",
+    "Generate": "pages/4_Generate.py",
+}
+"""Sidebar name → script path relative to ``app/`` (Streamlit derives the names from the file names)."""
+LISTING_TTL_S = 5
+"""How long run and model listings are reused before the store is asked again."""
+
+
+def setup_page(title: str, icon: str) -> None:
+    """Page config, title and the sidebar note naming the tracking store. Call first on every page."""
+    st.set_page_config(page_title=f"{title} · Shakespeare GPT studio", page_icon=icon, layout="wide")
+    st.title(f"{icon} {title}")
+    with st.sidebar:
+        st.caption(f"Tracking store: `{tracking_uri()}`")
+
+
+def page_link(name: str, label: str | None = None, icon: str | None = None, **query) -> None:
+    """A link to the studio page ``name`` (a key of :data:`PAGES`), with optional query parameters."""
+    st.page_link(PAGES[name], label=label or name, icon=icon, query_params=query or None)
+
+
+def show_error(exc: BaseException, what: str) -> None:
+    """Show a failure as one line: ``what`` failed, and the error's own message (which says what to do)."""
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    st.error(f"{what}: {message}", icon="⚠️")
+
+
+@st.cache_resource(show_spinner=False)
+def client_for(uri: str):
+    """One ``MlflowClient`` per tracking URI, shared by every session."""
+    return connect(uri)
+
+
+def client():
+    """The client of the current tracking store (``MLFLOW_TRACKING_URI`` or ``mlruns/``)."""
+    return client_for(tracking_uri())
+
+
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def experiments(uri: str) -> pd.DataFrame:
+    """:func:`core.runs.list_experiments` of store ``uri``."""
+    return run_queries.list_experiments(client_for(uri))
+
+
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def runs(uri: str, experiment_ids: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """:func:`core.runs.list_runs` of store ``uri`` (every experiment when ``experiment_ids`` is None)."""
+    return run_queries.list_runs(client_for(uri), list(experiment_ids) if experiment_ids is not None else None)
+
+
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def registered_models(uri: str) -> pd.DataFrame:
+    """:func:`core.registry.list_registered_models` of store ``uri``: every version, newest first."""
+    return list_registered_models(client_for(uri))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def histories(
+    uri: str, run_ids: tuple[str, ...], metrics: tuple[str, ...], max_points: int, stamp: str
+) -> pd.DataFrame:
+    """Downsampled metric histories; ``stamp`` changes when a run may have new points (e.g. its status or a
+    refresh tick), so finished runs are read once and running ones again when asked."""
+    return run_queries.metric_histories(client_for(uri), list(run_ids), list(metrics), max_points=max_points)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def model_for(uri: str, name: str, version: int):
+    """The registered model ``name``/``version`` with its registry version and checkpoint document, loaded once
+    per version for every session (the core loader refuses anything the studio did not write)."""
+    return load_registered_model(client_for(uri), f"{name}/{version}")
+
+
+def safely(what: str, reader, *args, **kwargs):
+    """``reader(*args, **kwargs)``; when the store or the input is at fault, a one-line error and the page stops
+    there (a bug keeps its traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return reader(*args, **kwargs)
+    except (StudioError, MlflowException, ValueError, OSError) as exc:
+        show_error(exc, what)
+        st.stop()
+
+
+def mlflow_ui_hint() -> None:
+    """The command that opens the current store in the MLflow UI."""
+    st.code(ui_command(), language="bash")

@@ -1,0 +1,56 @@
+"""The Compare Runs page: run table with a default selection, overlaid charts, parameter table."""
+
+from tests.conftest import app_page
+
+PAGE = "pages/2_Compare_Runs.py"
+
+
+def charts(app) -> dict:
+    """Plotly figures on the page by title, as the JSON the browser gets."""
+    import json
+
+    figures = {}
+    for element in app.get("plotly_chart"):
+        spec = json.loads(element.proto.spec)
+        figures[spec["layout"]["title"]["text"]] = spec
+    return figures
+
+
+def test_runs_are_compared_in_charts_and_params(studio_store):
+    app = app_page(PAGE).run()
+    assert not app.exception
+    assert app.selectbox[0].value == "shakespeare-gpt"
+    table = app.dataframe[0].value
+    assert list(table["run"]) == ["run-1", "run-0"]  # newest first
+    figures = charts(app)
+    assert set(figures) == {"loss", "avg_loss", "best_loss", "lr", "time_per_batch", "val_loss"}
+    loss = figures["loss"]
+    assert {trace["name"] for trace in loss["data"]} == {"run-0", "run-1"}  # both runs selected by default
+    assert loss["layout"]["xaxis"]["title"]["text"] == "step"
+    assert loss["layout"]["yaxis"]["title"]["text"]
+    # Only lr differs between the two runs.
+    params = app.dataframe[1].value
+    assert list(params.index) == ["lr"]
+
+
+def test_controls_change_axis_scale_and_smoothing(studio_store):
+    app = app_page(PAGE).run()
+    raw = charts(app)["loss"]["data"][0]["y"]
+    app.radio[0].set_value("elapsed time")
+    boxes = {box.label: box for box in app.checkbox}
+    boxes["log y"].check()
+    boxes["only differing params"].uncheck()
+    app.slider[0].set_value(0.0)
+    app.run()
+    assert not app.exception
+    loss = charts(app)["loss"]
+    assert loss["layout"]["xaxis"]["title"]["text"] == "elapsed time (s)"
+    assert loss["layout"]["yaxis"]["type"] == "log"
+    assert loss["data"][0]["y"] != raw  # smoothing off: the raw values differ from the smoothed default
+    assert len(app.dataframe[1].value) > 1  # every param shown
+
+
+def test_an_empty_store_points_to_train(empty_store):
+    app = app_page(PAGE).run()
+    assert not app.exception
+    assert app.info

@@ -1,0 +1,62 @@
+"""The Generate page: pick a registered model, generate, and refuse bad input."""
+
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import app_page
+
+PAGE = "pages/4_Generate.py"
+
+
+def samples(app: AppTest) -> list[str]:
+    return [m.value for m in app.markdown if "class='sample'" in m.value]
+
+
+def test_generate_streams_samples_from_the_registered_model(studio_store):
+    app = app_page(PAGE).run()
+    assert not app.exception
+    model_box, version_box = app.selectbox
+    assert model_box.options == ["shakespeare-gpt"]
+    assert version_box.options == ["latest", "@champion", "version 1"]
+    version_box.set_value("@champion")
+    app.text_area[0].set_value("JULIET:")
+    inputs = {n.label: n for n in app.number_input}
+    inputs["Max new tokens"].set_value(12)
+    inputs["Samples"].set_value(2)
+    app.text_input[0].set_value("7")
+    app.button[0].click().run()
+    assert not app.exception
+    first = samples(app)
+    assert len(first) == 2 and all(text.startswith("<div class='sample'>JULIET:") for text in first)
+    assert any("tokens/s" in c.value and "seed 7" in c.value for c in app.caption)
+    # The same seed gives the same text, and the model is not loaded again.
+    app.button[0].click().run()
+    assert samples(app) == first
+
+
+def test_bad_inputs_are_refused_with_a_message(studio_store):
+    app = app_page(PAGE).run()
+    app.text_input[0].set_value("abc")
+    app.button[0].click().run()
+    assert not app.exception
+    assert "The seed must be a whole number" in app.error[0].value
+    app.text_input[0].set_value("")
+    app.text_area[0].set_value("   ")
+    app.button[0].click().run()
+    assert "Write a prompt" in app.error[0].value
+    assert not samples(app)
+
+
+def test_a_link_from_train_preselects_the_version(studio_store):
+    app = app_page(PAGE)
+    app.query_params["model"] = "shakespeare-gpt"
+    app.query_params["version"] = "1"
+    app.run()
+    assert not app.exception
+    assert app.selectbox[1].value == "version 1"
+
+
+def test_without_a_registered_model_the_page_points_to_train(empty_store):
+    app = app_page(PAGE).run()
+    assert not app.exception
+    assert "No model is registered yet" in app.info[0].value
+    assert not app.button
