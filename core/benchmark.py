@@ -123,3 +123,88 @@ def logging_overhead(corpus: str, steps: int = 30, repeats: int = 3, log: Callab
         "% of step time",
         "tiny preset B=16 T=128: async batched logger vs a synchronous log_batch per step",
     )
+
+
+def _fill_long_runs(db_path: Path, client, experiment_id: str, runs: int, steps: int, metrics: list[str]) -> list[str]:
+    """``runs`` finished runs with ``steps`` points of each metric. Fixture data only: the points are written with
+    one ``executemany`` in MLflow's own SQLite schema (the API would take minutes for a million points), and then
+    read back through the API like any run."""
+    import sqlite3
+
+    import numpy as np
+
+    run_ids = [client.create_run(experiment_id, run_name=f"long-{r}").info.run_id for r in range(runs)]
+    step_numbers = np.arange(1, steps + 1)
+    with sqlite3.connect(db_path) as db:
+        for r, run_id in enumerate(run_ids):
+            for k, key in enumerate(metrics):
+                values = (k + 1) * 10.0 / (1 + step_numbers / (100 * (r + 1)))
+                rows = [
+                    (key, float(v), 1_790_000_000_000 + 50 * int(s), run_id, int(s), 0)
+                    for s, v in zip(step_numbers, values, strict=True)
+                ]
+                db.executemany(
+                    "INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                db.execute(
+                    "INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
+                    "VALUES (?, ?, ?, ?, 0, ?)",
+                    (key, float(values[-1]), rows[-1][2], steps, run_id),
+                )
+    for run_id in run_ids:
+        client.set_terminated(run_id, "FINISHED")
+    return run_ids
+
+
+def compare_fetch(runs: int = 10, steps: int = 20_000, repeats: int = 3, log: Callable[[str], None] = print) -> Row:
+    """Seconds for the Compare Runs page's data work on ``runs`` × ``steps`` steps of its 6 charted metrics:
+    fetch every history, downsample each curve to 1,000 points and build the plotly figures (ours, via
+    :func:`core.runs.metric_histories`), against fetching the same histories one by one with
+    ``MlflowClient.get_metric_history`` and plotting every point (reference). Median of ``repeats``."""
+    import plotly.graph_objects as go
+
+    from core.runs import metric_histories
+    from core.store import connect, ensure_experiment
+
+    charted = ["loss", "avg_loss", "best_loss", "lr", "time_per_batch", "val_loss"]
+
+    def figures(frame) -> int:
+        built = 0
+        for _, data in frame.groupby("metric", sort=False):
+            figure = go.Figure()
+            for run_id, series in data.groupby("run_id", sort=False):
+                figure.add_trace(go.Scatter(x=series["step"], y=series["value"], mode="lines", name=run_id[:8]))
+            figure.to_json()  # what Streamlit sends to the browser
+            built += 1
+        return built
+
+    with tempfile.TemporaryDirectory(prefix="studio-bench-") as scratch:
+        db = Path(scratch) / "mlflow.db"
+        client = connect(f"sqlite:///{db}")
+        run_ids = _fill_long_runs(db, client, ensure_experiment(client, "long"), runs, steps, charted)
+        ours, reference = [], []
+        for repeat in range(repeats):
+            started = time.perf_counter()
+            assert figures(metric_histories(client, run_ids, charted, max_points=1000)) == len(charted)
+            ours.append(time.perf_counter() - started)
+
+            import pandas as pd
+
+            started = time.perf_counter()
+            rows = [
+                {"run_id": run_id, "metric": key, "step": m.step, "value": m.value}
+                for run_id in run_ids
+                for key in charted
+                for m in client.get_metric_history(run_id, key)
+            ]
+            figures(pd.DataFrame(rows))
+            reference.append(time.perf_counter() - started)
+            log(f"  repeat {repeat + 1}/{repeats}: ours {ours[-1]:.2f} s, reference {reference[-1]:.2f} s")
+    return lower_is_better(
+        "compare_fetch",
+        statistics.median(ours),
+        statistics.median(reference),
+        "s",
+        f"{runs} runs × {steps:,} steps × {len(charted)} charts: fetch, downsample, build figures",
+    )

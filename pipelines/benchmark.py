@@ -2,7 +2,8 @@
 
 Usage: python -m pipelines.benchmark [--quick] [--json] [--only NAME ...] [--data PATH|URL]
 
-Rows: ``log_overhead`` (MLflow logging as % of the tiny preset's step time, asynchronous vs synchronous).
+Rows: ``log_overhead`` (MLflow logging as % of the tiny preset's step time, asynchronous vs synchronous) and
+``compare_fetch`` (the Compare Runs page's data work for 10 runs × 20,000 steps vs plain ``get_metric_history``).
 --json writes {"rows": [{"name", "ours", "reference", "unit", "ratio", "note"}, ...]} to stdout, progress to stderr.
 A ratio above 1 means the studio is better.
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from pipelines.cli import ArgumentParser, run
 
-SECTIONS = ("log_overhead",)
+SECTIONS = ("log_overhead", "compare_fetch")
 
 
 def build_parser() -> ArgumentParser:
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("log_overhead: tiny preset steps without, with asynchronous and with synchronous MLflow logging")
         steps, repeats = (20, 2) if args.quick else (40, 3)
         rows.append(benchmark.logging_overhead(args.data, steps=steps, repeats=repeats, log=progress))
+    if "compare_fetch" in selected:
+        progress("compare_fetch: 10 runs × 20,000 steps of the 6 charted metrics")
+        rows.append(benchmark.compare_fetch(repeats=2 if args.quick else 3, log=progress))
 
     if args.json:
         print(json.dumps({"rows": [row.to_dict() for row in rows]}, indent=2))
