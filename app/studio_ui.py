@@ -109,4 +109,4 @@ def safely(what: str, reader, *args, **kwargs):
 
 def mlflow_ui_hint() -> None:
     """The command that opens the current store in the MLflow UI."""
-    st.code(ui_command(), language="bash")
+    st.code(ui_command(), language="bash", wrap_lines=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 GPT2_VOCAB_SIZE = 50257
@@ -249,6 +250,10 @@ class TrainConfig:
     """Seed for initialisation, batch order and samples."""
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``."""
+    init_from: str | None = None
+    """A Hugging Face GPT-2 folder (config.json + model.safetensors) whose weights replace the random
+    initialisation, to fine-tune; the model config must have its shape (see :func:`core.hf.read_hf_config`).
+    None trains from scratch."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "avg_window", "sample_tokens"):
@@ -287,6 +292,10 @@ class TrainConfig:
         )
         _require(
             _is_int(self.seed) and self.seed >= 0, f"train config: seed must be an integer >= 0, got {self.seed!r}"
+        )
+        _require(
+            self.init_from is None or (isinstance(self.init_from, str) and Path(self.init_from).is_dir()),
+            f"train config: init_from must be an existing folder (a Hugging Face GPT-2 model), got {self.init_from!r}",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,7 +90,10 @@ def run_training(
     summary_tags = run_tags(
         tracking.preset, trainer.corpus.meta["name"], trainer.corpus.meta["sha256"], str(trainer.device)
     )
-    run = client.create_run(experiment_id, run_name=tracking.run_name, tags={t.key: t.value for t in summary_tags})
+    tags = {t.key: t.value for t in summary_tags}
+    if train_config.init_from is not None:
+        tags["init_from"] = train_config.init_from
+    run = client.create_run(experiment_id, run_name=tracking.run_name, tags=tags)
     run_id = run.info.run_id
     if on_run_created is not None:
         on_run_created(run_id)

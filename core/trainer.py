@@ -24,6 +24,7 @@ from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
 from core.device import resolve_device
 from core.errors import UsageError
+from core.hf import load_hf_state_dict
 from core.model import GPT, parameter_breakdown
 from core.sampling import generate
 from core.tokenizer import Tokenizer, get_tokenizer
@@ -119,7 +120,8 @@ class Trainer:
     Everything that can be refused (device, corpus, block size) is checked in the constructor, before any work.
     ``fit(out_dir)`` runs until a stop rule fires: the running-average loss below ``target_loss``, ``max_steps``, the
     validation patience, or :meth:`request_stop` (e.g. from a signal handler). It always ends with a final
-    evaluation (if enabled), a final sample and a final checkpoint.
+    evaluation (if enabled), a final sample and a final checkpoint. With ``train_config.init_from`` the model
+    starts from that Hugging Face GPT-2 folder's weights (:func:`core.hf.load_hf_state_dict`) instead of random ones.
     """
 
     def __init__(
@@ -146,6 +148,8 @@ class Trainer:
         self.corpus = corpus or prepare_corpus(data_config, self.tokenizer)
         torch.manual_seed(train_config.seed)
         self.model = GPT(model_config).to(self.device)
+        if train_config.init_from is not None:  # fine-tune: pretrained weights replace the random initialisation
+            self.model.load_state_dict(load_hf_state_dict(train_config.init_from, model_config))
         self.optimizer = build_optimizer(self.model, train_config, self.device)
         self.scheduler = build_scheduler(self.optimizer, train_config)
         self.batches = TokenBatches(

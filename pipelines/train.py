@@ -3,12 +3,18 @@
 Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--target-loss X] [--batch-size B]
        [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
        [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
-       [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR]
+       [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR] [--init-from HF_DIR [--context T]]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
 or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
 one with --register-best) becomes a new version of the registered model. Ctrl-C or SIGTERM stops after the
 current step, saves a checkpoint and ends the run KILLED.
+
+With --init-from HF_DIR the run fine-tunes a Hugging Face GPT-2 checkpoint (config.json + model.safetensors, e.g.
+pretrained GPT-2 saved locally) instead of starting from random weights. The model's shape then comes from that
+config.json: --preset, --n-layer, --n-head and --n-embd may be given only if they agree with it. --context may be
+shorter than the checkpoint's n_positions (only the first position embeddings are kept), never longer; --dropout
+defaults to the checkpoint's resid_pdrop.
 
 With --job-dir (used by the studio app's background jobs, see core/jobs.py) the run id, live progress and the
 outcome are also written to that folder, and the run is tagged with the job id and process id.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.cli import ArgumentParser, positive_int, run
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     from core.jobs import JobRecorder
 
 DEFAULT_TOKENS_PER_BATCH = 2048  # the reference's B·T
+DEFAULT_PRESET = "tiny"
 
 
 def build_parser() -> ArgumentParser:
@@ -37,12 +45,17 @@ def build_parser() -> ArgumentParser:
     d = TrainConfig()
     p = ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     model = p.add_argument_group("model")
-    model.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)")
+    model.add_argument("--preset", choices=sorted(PRESETS), help=f"model shape (default: {DEFAULT_PRESET})")
     model.add_argument("--n-layer", type=positive_int, help="override the preset's number of blocks")
     model.add_argument("--n-head", type=positive_int, help="override the preset's attention heads")
     model.add_argument("--n-embd", type=positive_int, help="override the preset's width")
     model.add_argument("--context", type=positive_int, help="override the preset's context length")
     model.add_argument("--dropout", type=float, help="dropout probability in [0, 1) (default 0)")
+    model.add_argument(
+        "--init-from",
+        metavar="HF_DIR",
+        help="fine-tune a Hugging Face GPT-2 folder (config.json + model.safetensors); its config sets the shape",
+    )
 
     data = p.add_argument_group("data")
     data.add_argument("--data", default=TINY_SHAKESPEARE_URL, help="corpus file or URL (default: Tiny Shakespeare)")
@@ -134,14 +147,17 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
     """The validated configs of parsed arguments; a bad value raises ``ValueError`` with a one-line message."""
     from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 
-    model_config = ModelConfig.from_preset(
-        args.preset,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-        block_size=args.context,
-        dropout=args.dropout,
-    )
+    if args.init_from is not None:
+        model_config = init_from_model_config(args)
+    else:
+        model_config = ModelConfig.from_preset(
+            args.preset or DEFAULT_PRESET,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            block_size=args.context,
+            dropout=args.dropout,
+        )
     block_size = args.block_size or model_config.block_size
     batch_size = args.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
     data_config = DataConfig(
@@ -165,6 +181,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         sample_prompt=args.sample_prompt,
         seed=args.seed,
         device=args.device,
+        init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
     )
     tracking = TrackingConfig(
         experiment=args.experiment,
@@ -172,10 +189,36 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         register_as=args.register_as,
         alias=args.alias,
         register_best=args.register_best,
-        preset=args.preset,
+        preset=args.preset or ("custom" if args.init_from is not None else DEFAULT_PRESET),
         checkpoint_root=args.checkpoint_root,
     )
     return model_config, data_config, train_config, tracking
+
+
+def init_from_model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model config of ``--init-from``'s checkpoint, with --context and --dropout applied.
+
+    Raises ``UsageError`` when --preset, --n-layer, --n-head or --n-embd asks for another shape than the checkpoint's.
+    """
+    from core.config import PRESETS
+    from core.errors import UsageError
+    from core.hf import read_hf_config
+
+    config, _ = read_hf_config(args.init_from, block_size=args.context, dropout=args.dropout)
+    shape = ("n_layer", "n_head", "n_embd")
+    asked: list[tuple[str, str, int | None]] = []  # (flag as typed, field, value it asks for)
+    if args.preset is not None:
+        asked += [(f"--preset {args.preset}", f, getattr(PRESETS[args.preset], f)) for f in shape]
+    asked += [(f"--{f.replace('_', '-')} {getattr(args, f)}", f, getattr(args, f)) for f in shape]
+    for flag, field, value in asked:
+        if value is None:
+            continue
+        if value != getattr(config, field):
+            raise UsageError(
+                f"{flag} asks for {field} {value}, but --init-from {args.init_from} has {field} "
+                f"{getattr(config, field)}; drop it: the shape comes from the checkpoint"
+            )
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

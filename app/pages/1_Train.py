@@ -15,8 +15,8 @@ from core.jobs import cancel_job, delete_job, list_jobs, start_job
 from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPO_ROOT, tracking_uri
 
 REFRESH_S = 2.0
+# Time allowed for timing real steps when no earlier run of the same shape says how long a step takes.
 ESTIMATE_BUDGET_S = 3.0
-"""Time allowed for timing real steps when no earlier run of the same shape says how long a step takes."""
 STATE_BADGES = {
     "starting": "🟡 starting",
     "running": "🟢 running",
@@ -83,6 +83,11 @@ def earlier_step_times(preset: str, batch: int, block: int, device: str) -> tupl
     return tuple(float(v) for v in same["metrics.time_per_batch"].dropna())
 
 
+def number(value: float | None, spec: str) -> str:
+    """``value`` formatted, or a dash before the first step has reported it."""
+    return "–" if value is None else format(value, spec)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds:
         return "–"
@@ -96,14 +101,28 @@ def duration(seconds: float | None) -> str:
 
 st.subheader("Start a training run")
 source = os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL
+# The preset sits outside the form: the shape fields' limits and defaults follow it at once. Inside the form every
+# default is fixed per preset (keyed by it), so a field never resets itself when another one changes.
+preset = st.selectbox(
+    "Preset", sorted(PRESETS), index=sorted(PRESETS).index("tiny"), help="model shape; see the Architecture page"
+)
+base = ModelConfig.from_preset(preset)
+default_block = min(base.block_size, 128)
 with st.form("train"):
     shape, optimisation, tracking = st.columns(3)
     with shape:
-        st.markdown("**Model and data**")
-        preset = st.selectbox("Preset", sorted(PRESETS), index=sorted(PRESETS).index("tiny"))
-        base = ModelConfig.from_preset(preset)
-        block = st.number_input("Block size T (tokens per sequence)", 8, base.block_size, min(base.block_size, 128))
-        batch = st.number_input("Batch size B (sequences)", 1, 512, max(1, 2048 // int(block)))
+        st.markdown(f"**Model and data** · {base.n_layer} layers × {base.n_embd} wide, context {base.block_size}")
+        block = st.number_input(
+            "Block size T (tokens per sequence)", 8, base.block_size, default_block, key=f"block-{preset}"
+        )
+        batch = st.number_input(
+            "Batch size B (sequences)",
+            1,
+            512,
+            max(1, 2048 // default_block),
+            key=f"batch-{preset}",
+            help="the reference trains on B·T = 2,048 tokens per step",
+        )
         data_source = st.text_input("Corpus (file or URL)", source)
         device = st.selectbox("Device", DEVICE_CHOICES, help="auto picks CUDA, then MPS, then CPU")
     with optimisation:
@@ -124,7 +143,11 @@ with st.form("train"):
         register_as = st.text_input("Register as", DEFAULT_MODEL_NAME)
         alias = st.text_input("Alias (optional)", placeholder="champion")
         register_best = st.checkbox("Register the best-validation checkpoint")
-    submitted = st.form_submit_button("Start training", type="primary")
+    buttons = st.columns([1, 1, 4])
+    with buttons[0]:
+        submitted = st.form_submit_button("Start training", type="primary")
+    with buttons[1]:
+        st.form_submit_button("Update estimate", help="recompute the estimate below without starting")
 
 facts = ui.safely("The corpus cannot be used", corpus_facts, data_source)
 model_config = ModelConfig.from_preset(preset)
@@ -174,7 +197,8 @@ def loss_chart(run_id: str, step: int):
     data = ui.histories(uri, (run_id,), ("loss", "avg_loss", "best_loss"), 600, str(step))
     figure = go.Figure()
     for metric, series in data.groupby("metric", sort=False):
-        figure.add_trace(go.Scatter(x=series["step"], y=series["value"], mode="lines", name=metric))
+        mode = "lines+markers" if len(series) < 50 else "lines"  # a lone first point still shows
+        figure.add_trace(go.Scatter(x=series["step"], y=series["value"], mode=mode, name=metric))
     figure.update_layout(
         title="Training loss",
         xaxis_title="step",
@@ -226,10 +250,10 @@ def show_job(job) -> None:
         st.progress(min(1.0, step / total), text=f"step {step:,} of {total:,}")
         if progress:
             m = st.columns(5)
-            m[0].metric("loss", f"{progress.get('loss', float('nan')):.4f}")
-            m[1].metric("avg loss", f"{progress.get('avg_loss', float('nan')):.4f}")
-            m[2].metric("best loss", f"{progress.get('best_loss', float('nan')):.4f}")
-            m[3].metric("tokens/s", f"{progress.get('tokens_per_sec', 0):,.0f}")
+            m[0].metric("loss", number(progress.get("loss"), ".4f"))
+            m[1].metric("avg loss", number(progress.get("avg_loss"), ".4f"))
+            m[2].metric("best loss", number(progress.get("best_loss"), ".4f"))
+            m[3].metric("tokens/s", number(progress.get("tokens_per_sec"), ",.0f"))
             m[4].metric(
                 "ETA" if job.is_active else "elapsed",
                 duration(progress.get("eta_s") if job.is_active else progress.get("elapsed_s")),

@@ -19,8 +19,8 @@ CHARTS = {
     "val_loss": "validation loss",
 }
 DEFAULT_SELECTION = 5
+# Points per curve after downsampling (min/max per bucket, so spikes survive): 10 runs × 20,000 steps stay fast.
 MAX_POINTS = 1000
-"""Points per curve after downsampling (min/max per bucket, so spikes survive): 10 runs × 20,000 steps stay fast."""
 TABLE_COLUMNS = {
     "run_name": "run",
     "status": "status",

@@ -62,9 +62,10 @@ with numbers:
         hide_index=True,
         width="stretch",
         column_config={
-            "params": st.column_config.NumberColumn(format="localized"),
-            "share": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0),
-            "MB": st.column_config.NumberColumn(format="%.2f"),
+            "component": st.column_config.TextColumn(width="medium"),
+            "params": st.column_config.NumberColumn(format="localized", width="small"),
+            "share": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0, width="small"),
+            "MB": st.column_config.NumberColumn(format="%.2f", width="small"),
         },
     )
     tied = components[components["params"] == 0]["name"].tolist()

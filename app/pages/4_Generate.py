@@ -13,8 +13,8 @@ from core.sampling import TextStream
 from core.store import tracking_uri
 from core.tokenizer import get_tokenizer
 
+# Redraw the streaming samples at most this often: a redraw per token would cost more than the token.
 REDRAW_S = 0.1
-"""Redraw the streaming samples at most this often: a redraw per token would cost more than the token."""
 COLUMNS_PER_ROW = 3
 
 ui.setup_page("Generate", "✒️")
