@@ -64,6 +64,16 @@ if jobs:
 if len(models):
     st.subheader("Latest registered versions")
     latest = models.drop_duplicates("name")[["name", "version", "aliases", "created", "run_id"]]
-    st.dataframe(latest, hide_index=True, width="stretch")
+    st.dataframe(
+        latest,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "name": "model",
+            "aliases": "aliases",
+            "created": st.column_config.DatetimeColumn("registered (UTC)", format="YYYY-MM-DD HH:mm"),
+            "run_id": "source run",
+        },
+    )
 else:
     st.info("No model is registered yet: start a run on the Train page and it registers one when it finishes.")

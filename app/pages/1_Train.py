@@ -165,7 +165,7 @@ guess = ui.safely(
 )
 e1, e2, e3, e4 = st.columns(4)
 e1.metric("Tokens per epoch", f"{guess.tokens_per_epoch:,}", help=f"{guess.batches_per_epoch:,} batches of B·T")
-e2.metric("Epochs in max steps", f"{guess.epochs:.2f}")
+e2.metric("Epochs in max steps", f"{guess.epochs:.3g}")
 e3.metric("Time per step", f"{guess.seconds_per_step * 1000:,.0f} ms", help=guess.method)
 e4.metric(
     "Time for max steps", duration(guess.total_seconds), help="an upper bound: the target loss may stop it sooner"

@@ -38,6 +38,12 @@ TABLE_COLUMNS = {
 }
 
 ui.setup_page("Compare Runs", "📈")
+
+
+def runs_label(name: str, count: int) -> str:
+    return f"{name} ({count} run{'' if count == 1 else 's'})"
+
+
 uri = tracking_uri()
 
 experiments = ui.safely("Reading the experiments failed", ui.experiments, uri)
@@ -47,7 +53,7 @@ if experiments.empty:
     st.stop()
 names = experiments["name"].tolist()
 experiment = st.selectbox(
-    "Experiment", names, format_func=lambda n: f"{n} ({experiments.set_index('name').run_count[n]} runs)"
+    "Experiment", names, format_func=lambda n: runs_label(n, int(experiments.set_index("name").run_count[n]))
 )
 experiment_id = experiments.set_index("name").loc[experiment, "experiment_id"]
 runs = ui.safely("Reading the runs failed", ui.runs, uri, (experiment_id,))
@@ -128,7 +134,7 @@ if missing:
     st.caption(f"Not logged by the selected runs: {', '.join(missing)}.")
 
 st.subheader("Parameters")
-params = params_table(selected, only_differing)
+params = params_table(selected, only_differing and len(selected) > 1)  # one run: nothing can differ; show all
 if params.empty:
     st.caption("The selected runs share every parameter." if only_differing else "No parameters logged.")
 else:

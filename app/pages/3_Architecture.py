@@ -53,7 +53,7 @@ with diagram:
     st.subheader("Flow")
     st.graphviz_chart(architecture_dot(config), width="stretch")
 with numbers:
-    st.subheader("Parameters by component")
+    st.subheader("Breakdown")
     components = pd.DataFrame(report["components"])
     components["share"] = components["params"] / report["total_params"]
     shown = components[["name", "params", "share", "size_mb"]].rename(columns={"name": "component", "size_mb": "MB"})

@@ -92,8 +92,9 @@ if go:
     if stream.prompt_cropped:
         st.warning(f"The prompt is longer than the {model.config.block_size}-token context; only its end is used.")
     boxes = []
-    for _ in range(0, config.num_samples, COLUMNS_PER_ROW):
-        for column in st.columns(COLUMNS_PER_ROW):
+    per_row = min(config.num_samples, COLUMNS_PER_ROW)
+    for _ in range(0, config.num_samples, per_row):
+        for column in st.columns(per_row):
             if len(boxes) < config.num_samples:
                 with column:
                     st.markdown(f"**Sample {len(boxes) + 1}**")
