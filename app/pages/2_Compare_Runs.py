@@ -119,6 +119,7 @@ def chart(metric: str, title: str) -> go.Figure | None:
         height=340,
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         legend={"title": "run"},
+        showlegend=True,  # even for one run: the legend names it
     )
     return figure
 
