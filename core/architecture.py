@@ -44,7 +44,7 @@ def _counts(config: ModelConfig) -> dict[str, int]:
     """Parameters per module of ``GPT(config)``, mirroring the layers built in core/model.py."""
     c, b = config.n_embd, config.bias
     return {
-        "wte": config.vocab_size * c,
+        "wte": config.padded_vocab_size * c,  # vocabulary padding rows are parameters too
         "wpe": config.block_size * c,
         "c_attn": _linear(c, 3 * c, b),
         "attn_proj": _linear(c, c, b),
@@ -143,6 +143,7 @@ def architecture_dot(config: ModelConfig, batch_size: int | None = None) -> str:
     n = _counts(config)
     breakdown = breakdown_for_config(config)
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    padded_V = config.padded_vocab_size  # embedding rows, with any vocabulary padding
     B = "B" if batch_size is None else f"{batch_size:,}"
     residual = f"{B} × T × {C:,}"
     dropout = f" · dropout {config.dropout:g}" if config.dropout > 0 else ""
@@ -162,7 +163,7 @@ def architecture_dot(config: ModelConfig, batch_size: int | None = None) -> str:
         'penwidth="1.2"];',
         'edge [fontname="Helvetica", fontsize="9", color="#6b7280", arrowsize="0.7"];',
         _node("input", f"Input token ids\n({B} × T), T ≤ {config.block_size:,}", "io"),
-        _node("wte", f"Token embeddings wte\n{V:,} × {C:,} · {n['wte']:,} params", "embedding"),
+        _node("wte", f"Token embeddings wte\n{padded_V:,} × {C:,} · {n['wte']:,} params", "embedding"),
         _node("wpe", f"Position encoding wpe\n{config.block_size:,} × {C:,} · {n['wpe']:,} params", "embedding"),
         _node("embed_add", "+", "add", shape="circle", fontsize="16", width="0.35", fixedsize="true"),
         "{ rank=same; wte; wpe; }",

@@ -32,6 +32,10 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a GPT-2-style transformer. The defaults are the reference design (the ``gpt2`` preset)."""
@@ -50,6 +54,9 @@ class ModelConfig:
     """Dropout probability on embeddings, attention weights and residual branches, in [0, 1)."""
     bias: bool = True
     """Whether linear layers and LayerNorms carry a bias (GPT-2 does)."""
+    pad_vocab_multiple: int = 1
+    """Round the embedding and LM head rows up to a multiple of this (64 suits GPU matmuls); padding rows are never
+    predicted, and the tokenizer is unchanged. 1: no padding."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -67,11 +74,20 @@ class ModelConfig:
             f"model config: dropout must be in [0, 1), got {self.dropout!r}",
         )
         _require(isinstance(self.bias, bool), f"model config: bias must be true or false, got {self.bias!r}")
+        _require(
+            _is_int(self.pad_vocab_multiple) and 1 <= self.pad_vocab_multiple <= 1024,
+            f"model config: pad_vocab_multiple must be an integer in 1..1024, got {self.pad_vocab_multiple!r}",
+        )
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and the LM head: ``vocab_size`` rounded up to ``pad_vocab_multiple``."""
+        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> ModelConfig:
@@ -200,10 +216,6 @@ class SampleConfig:
     def greedy(self) -> bool:
         """True when decoding is deterministic argmax."""
         return self.temperature == 0
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
+        elif key == "transformer.wte.weight":
+            tensor = tensor[: config.vocab_size]  # vocabulary padding rows are never predicted: leave them out
         out[key] = tensor.contiguous()
     if not config.bias:
         like = state["transformer.wte.weight"]
@@ -224,6 +226,9 @@ def from_hf_state_dict(
             tensor = tensor.t()
         elif key == "wpe.weight":
             tensor = tensor[: config.block_size]
+        elif key == "wte.weight" and config.padded_vocab_size > config.vocab_size:
+            padding = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, tensor.size(1))
+            tensor = torch.cat([tensor, padding])  # rows the studio's vocabulary padding adds, never predicted
         out[f"transformer.{key}"] = tensor.contiguous()
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out

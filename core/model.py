@@ -39,13 +39,175 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+IGNORE_INDEX = -1
+"""Targets equal to this are left out of the loss (and of its mean)."""
+
+LOSS_CHUNK_ELEMENTS = 2**23
+"""Logits per chunk of the fused LM head + cross-entropy (rows = this / vocab size; 64 MiB of fp32, 333 rows of the
+GPT-2 vocabulary). Smaller chunks re-read the (V, C) weight and re-write its (V, C) gradient more often; larger ones
+gain nothing and hold more memory."""
+
+
+def _loss_chunk_rows(vocab_size: int, chunk_rows: int | None) -> int:
+    return max(1, LOSS_CHUNK_ELEMENTS // vocab_size) if chunk_rows is None else chunk_rows
+
+
+_SMALLEST_TRUSTED_P = 1e-30
+"""Below this a softmax probability's log is computed from the row's top logit instead (fp32 denormals start at
+1.2e-38 and lose digits)."""
+
+
+def _softmax_in_place(z: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax of z (n, V) written over z. The kernel works row by row, each row's passes in cache."""
+    try:
+        return torch.ops.aten._softmax.out(z, 1, False, out=z)
+    except RuntimeError:  # a build that refuses the aliased output: one temporary (n, V) tensor
+        return z.copy_(torch.softmax(z, dim=1))
+
+
+@torch.no_grad()
+def _lm_head_loss_and_grads(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, grad_x: bool, grad_w: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean cross-entropy of ``x @ weight.T`` against ``targets``, and its gradients w.r.t. ``x`` and ``weight``.
+
+    x: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX rows left out. The logits are computed ``chunk_rows``
+    rows at a time into one reused (chunk_rows, V) buffer, and each chunk is turned into its softmax in place. A
+    row's loss is -log p[target] (or, when p[target] is too small to trust, log-sum-exp from the row's top logit:
+    z_top - log p_top, with p_top >= 1/V). Softmax minus the one-hot target, over the valid count, is the gradient
+    of the logits, so two matmuls per chunk give grad_x and add to grad_w. The full (N, V) logits, their
+    log-softmax and its gradient never exist, and the logits are touched only by the matmuls, the cache-friendly
+    softmax kernel and a few gathers. Returns (loss (), grad_x (N, C) or None, grad_w (V, C) or None), the
+    gradients being those of the mean loss.
+    """
+    with torch.autocast(x.device.type, enabled=False):  # fp32 throughout: the sums over V need it
+        return _loss_and_grads_fp32(x.float(), weight.float(), targets, chunk_rows, grad_x, grad_w)
+
+
+def _loss_and_grads_fp32(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, grad_x: bool, grad_w: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    N, C = x.shape
+    V = weight.size(0)
+    keep = targets != IGNORE_INDEX  # (N,)
+    n_valid = int(keep.sum())
+    rows = None
+    if n_valid < N:
+        rows = keep.nonzero().squeeze(1)  # (n_valid,)
+        x, targets = x[rows], targets[rows]  # (n_valid, C), (n_valid,)
+    if n_valid == 0:  # like F.cross_entropy: the mean of nothing is NaN, and nothing has a gradient
+        return (
+            torch.full((), math.nan, dtype=x.dtype, device=x.device),
+            torch.zeros(N, C, dtype=x.dtype, device=x.device) if grad_x else None,
+            torch.zeros_like(weight) if grad_w else None,
+        )
+    chunk_rows = min(chunk_rows, n_valid)
+    buffer = torch.empty(chunk_rows, V, dtype=x.dtype, device=x.device)  # (chunk, V), reused by every chunk
+    loss_sum = torch.zeros((), dtype=x.dtype, device=x.device)
+    gx = torch.empty_like(x) if grad_x else None  # (n_valid, C)
+    gw = None  # (V, C), written by the first chunk's matmul, then accumulated
+    for start in range(0, n_valid, chunk_rows):
+        end = min(start + chunk_rows, n_valid)
+        xc, tc = x[start:end], targets[start:end].unsqueeze(1)  # (n, C), (n, 1)
+        z = torch.mm(xc, weight.t(), out=buffer[: end - start])  # (n, V) logits
+        target_logit = z.gather(1, tc)  # (n, 1)
+        p = _softmax_in_place(z)  # (n, V)
+        p_target = p.gather(1, tc)  # (n, 1)
+        nll = p_target.log().neg_()  # (n, 1): -log softmax at the target
+        far = p_target < _SMALLEST_TRUSTED_P
+        if bool(far.any()):  # rare: a target so unlikely that its probability lost precision or underflowed
+            r = far.squeeze(1).nonzero().squeeze(1)  # (k,)
+            p_top, top = p[r].max(dim=1)  # (k,), (k,): the most likely token's probability is >= 1/V
+            z_top = (xc[r] * weight[top]).sum(dim=1)  # (k,) its logit, recomputed (z was overwritten)
+            nll[r, 0] = z_top - p_top.log() - target_logit[r, 0]  # log-sum-exp minus the target's logit
+        loss_sum += nll.sum()
+        if not (grad_x or grad_w):
+            continue
+        p.scatter_add_(1, tc, torch.full_like(target_logit, -1.0))  # (n, V): n_valid · d(mean loss)/d(logits)
+        if grad_x:
+            torch.mm(p, weight, out=gx[start:end]).div_(n_valid)  # (n, C)
+        if grad_w:
+            xs = xc / n_valid  # (n, C)
+            gw = torch.mm(p.t(), xs) if gw is None else gw.addmm_(p.t(), xs)  # (V, C)
+    loss = loss_sum / n_valid
+    if gx is not None and rows is not None:
+        gx = torch.zeros(N, C, dtype=x.dtype, device=x.device).index_copy_(0, rows, gx)  # (N, C), 0 for ignored rows
+    return loss, gx, gw
+
+
+class _LMHeadCrossEntropy(torch.autograd.Function):
+    """Fused LM head + mean cross-entropy. The gradients are computed during the forward pass, chunk by chunk (see
+    :func:`_lm_head_loss_and_grads`), and only scaled by the incoming gradient in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        loss, gx, gw = _lm_head_loss_and_grads(
+            x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.grads = (gx, gw)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        gx, gw = ctx.grads
+        del ctx.grads
+        if not bool(grad_loss == 1):  # the usual loss.backward() passes exactly 1: no pass over the gradients
+            gx = None if gx is None else gx * grad_loss
+            gw = None if gw is None else gw * grad_loss
+        return gx, gw, None, None
+
+
+def lm_head_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``x @ weight.T`` against ``targets``, without materialising the logits.
+
+    x: (N, C), weight: (V, C), targets: (N,) int64 where IGNORE_INDEX marks positions left out. Equal (within fp32
+    rounding) to ``F.cross_entropy(x @ weight.T, targets, ignore_index=IGNORE_INDEX)``, gradients included; memory
+    holds one (chunk_rows, V) block of logits instead of (N, V) logits, log-probabilities and their gradient.
+    """
+    chunk_rows = _loss_chunk_rows(weight.size(0), chunk_rows)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LMHeadCrossEntropy.apply(x, weight, targets, chunk_rows)
+    return _lm_head_loss_and_grads(x, weight, targets, chunk_rows, False, False)[0]
+
+
+SMALL_ROWS = 8
+"""Up to this many rows (tokens in one forward), a CPU linear layer runs as ``weight @ x.T`` (see :class:`Linear`)."""
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same results) with a faster route for decoding on the CPU.
+
+    Decoding multiplies a few rows by each weight, which is bound by reading the weight from memory. For one row,
+    ``F.linear`` becomes a matrix-vector product that MKL runs on one core at about half the memory bandwidth of
+    the two-core machines this targets; ``weight @ x.T`` with at least two columns is a skinny matrix product that
+    streams the weight on every core (measured here: 12-13 GB/s against 20-28 GB/s; ``pipelines.benchmark`` shows
+    the end-to-end effect). One row is duplicated to make two columns: the arithmetic is free, the bytes are not.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > SMALL_ROWS or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(rows, x.size(-1)).contiguous()  # (n, in), row-major: x2.t() is a column-major operand
+        if rows == 1:
+            x2 = x2.repeat(2, 1)  # (2, in): a real copy (an expanded view would make the product copy it badly)
+        y = torch.mm(self.weight, x2.t())  # (out, n or 2)
+        if self.bias is not None:
+            y.add_(self.bias.unsqueeze(1))
+        y = y[:, :rows].t().contiguous()  # (n, out)
+        return y.view(*x.shape[:-1], self.weight.size(0))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True  # read by GPT._init_weights for GPT-2's scaled init
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -78,9 +240,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -114,14 +276,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -149,12 +311,17 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         start_pos: int = 0,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T), and the mean cross-entropy against ``targets`` (B, T) if given.
 
         With ``cache``, ``idx`` holds positions ``start_pos .. start_pos+T-1`` and earlier positions come from the
         cache. ``last_only`` returns logits for the last position only (B, 1, V), which is all sampling needs.
-        Targets equal to -1 are ignored in the loss.
+        Targets equal to -1 (IGNORE_INDEX) are ignored in the loss. With ``targets`` on the CPU the loss comes from
+        the fused, chunked LM head + cross-entropy and the logits returned are None, unless ``return_logits`` asks
+        for the plain (B, T, V) logits and ``F.cross_entropy`` on them (slower, and several times the memory). On
+        other devices the loss always uses plain logits (returned only with ``return_logits``). V is always
+        ``config.vocab_size``: vocabulary padding rows never appear in logits or the loss.
         """
         B, T = idx.shape
         if start_pos + T > self.config.block_size:
@@ -166,13 +333,27 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, start_pos)
         x = self.transformer.ln_f(x)  # (B, T, C)
+        V = self.config.vocab_size  # rows past V (vocabulary padding) are never predicted
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
+            if return_logits or x.device.type != "cpu":
+                # Plain logits: what return_logits asks for, and on accelerators, where the (B·T, V) matmul in
+                # bf16 and a compiled cross-entropy beat the CPU-oriented chunked loss.
+                logits = self._logits(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+                return (logits if return_logits else None), loss
+            # Fused LM head + cross-entropy, chunk by chunk: the (B·T, V) logits are never materialised.
+            loss = lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight[:V], targets.reshape(B * T))
+            return None, loss
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the only position sampling needs, skipping T-1 rows of the big LM head
-        return self.lm_head(x), None  # (B, T or 1, V)
+        return self._logits(x), None  # (B, T or 1, V)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """LM head over the real vocabulary: (..., C) -> (..., vocab_size), padding rows dropped."""
+        logits = self.lm_head(x)  # (..., padded V)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
 
 
 @dataclass(frozen=True)

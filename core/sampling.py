@@ -61,20 +61,33 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[l
     return ids, False
 
 
-def _filter_logits(logits: torch.Tensor, config: SampleConfig) -> torch.Tensor:
-    """Apply temperature, top-k and top-p to logits (K, V); filtered-out entries become -inf."""
+def _candidates(logits: torch.Tensor, config: SampleConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, top-k and top-p applied to logits (K, V): the candidates' scaled logits (K, n), filtered-out
+    ones set to -inf, and their token ids (K, n), or None when the candidates are the whole vocabulary in order.
+
+    With top-k, only the k best tokens are ever touched again (the softmax and the draw run over k, not V).
+    """
     logits = logits / config.temperature
+    ids = None
     if config.top_k is not None and config.top_k < logits.size(-1):
-        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # (K, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, config.top_k, dim=-1)  # (K, k) each, best first
     if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)  # (K, V) each
+        probs = torch.softmax(logits, dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= config.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= config.top_p
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return logits, ids
+
+
+def _next_tokens(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of logits (K, V): argmax when greedy, else a draw from the filtered distribution."""
+    if config.greedy:
+        return torch.argmax(logits, dim=-1)
+    scores, ids = _candidates(logits, config)
+    choice = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)  # (K, 1)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
 
 
 def _model_device_dtype(model: GPT) -> tuple[torch.device, torch.dtype]:
@@ -107,12 +120,7 @@ def stream_tokens(
         logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
         length = window.size(1)  # positions filled in the cache
         for step in range(config.max_new_tokens):
-            next_logits = logits[:, -1, :].float()  # (K, V)
-            if config.greedy:
-                tokens = torch.argmax(next_logits, dim=-1)
-            else:
-                probs = torch.softmax(_filter_logits(next_logits, config), dim=-1)
-                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tokens = _next_tokens(logits[:, -1, :].float(), config, generator)  # (K,)
             yield tokens, active.clone()
             if config.stop_at_eot and eot_token is not None:
                 active &= tokens != eot_token

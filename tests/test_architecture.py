@@ -128,7 +128,15 @@ def test_graphviz_accepts_the_dot():
         assert b"<svg" in done.stdout and not done.stderr, done.stderr.decode()
 
 
-@pytest.mark.parametrize("config", [TINY_PRESET, CUSTOM, ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY_PRESET,
+        CUSTOM,
+        ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4),
+        ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, pad_vocab_multiple=64),
+    ],
+)
 def test_breakdown_for_config_equals_the_model_breakdown(config):
     assert breakdown_for_config(config) == parameter_breakdown(GPT(config))
 

@@ -129,6 +129,20 @@ def test_export_then_load_round_trips_the_weights(tmp_path, tiny_model):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
+def test_vocabulary_padding_is_left_out_of_exports_and_added_on_import(tiny_model, tiny_config):
+    padded_config = dataclasses.replace(tiny_config, pad_vocab_multiple=64)
+    padded = GPT(padded_config)
+    padded.load_state_dict(from_hf_state_dict(to_hf_state_dict(tiny_model), padded_config))
+    wte = padded.transformer.wte.weight
+    assert wte.shape == (padded_config.padded_vocab_size, tiny_config.n_embd)
+    assert torch.equal(wte[: tiny_config.vocab_size], tiny_model.transformer.wte.weight)
+    assert not wte[tiny_config.vocab_size :].any()
+    exported = to_hf_state_dict(padded)
+    assert exported["transformer.wte.weight"].shape == (tiny_config.vocab_size, tiny_config.n_embd)
+    idx = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    torch.testing.assert_close(padded.eval()(idx)[0], tiny_model(idx)[0])
+
+
 def test_a_folder_saved_by_transformers_loads_with_the_same_logits(tmp_path):
     folder = hf_folder(tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()

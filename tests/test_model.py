@@ -1,10 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from core.config import ModelConfig
-from core.model import GPT, KVCache, parameter_breakdown
+from core.model import GPT, IGNORE_INDEX, KVCache, Linear, lm_head_cross_entropy, parameter_breakdown
 
 
 def test_gpt2_preset_has_exact_parameter_count_and_size():
@@ -40,10 +41,14 @@ def test_forward_shapes_and_initial_loss(tiny_model, tiny_config):
     logits, loss = tiny_model(idx)
     assert logits.shape == (3, 16, tiny_config.vocab_size)
     assert loss is None
-    logits, loss = tiny_model(idx, targets=torch.roll(idx, -1, 1))
-    assert logits.shape == (3, 16, tiny_config.vocab_size)
+    targets = torch.roll(idx, -1, 1)
+    no_logits, loss = tiny_model(idx, targets=targets)
+    assert no_logits is None  # the fused loss never builds the (B, T, V) logits
     # A freshly initialised model is close to uniform over the vocabulary.
     assert abs(loss.item() - math.log(tiny_config.vocab_size)) < 0.5
+    plain_logits, plain_loss = tiny_model(idx, targets=targets, return_logits=True)
+    torch.testing.assert_close(plain_logits, logits)
+    torch.testing.assert_close(plain_loss, loss)
     last, _ = tiny_model(idx, last_only=True)
     assert last.shape == (3, 1, tiny_config.vocab_size)
     torch.testing.assert_close(last[:, 0], logits[:, -1])
@@ -123,3 +128,62 @@ def test_kv_cache_in_chunks_matches_the_full_forward(tiny_model, tiny_config):
 def test_sequence_longer_than_context_is_refused(tiny_model, tiny_config):
     with pytest.raises(ValueError, match="exceeds the context"):
         tiny_model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 8, None])
+def test_fused_lm_head_loss_matches_cross_entropy_with_gradients(chunk_rows):
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, dtype=torch.float64)
+    weight = torch.randn(1000, 16, dtype=torch.float64)
+    targets = torch.randint(0, 1000, (37,))
+    targets[::5] = IGNORE_INDEX
+    xf, wf = x.float().requires_grad_(), weight.float().requires_grad_()
+    (3 * lm_head_cross_entropy(xf, wf, targets, chunk_rows)).backward()
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(xr @ wr.T, targets, ignore_index=IGNORE_INDEX)
+    (3 * reference).backward()
+    loss = lm_head_cross_entropy(xf.detach(), wf.detach(), targets, chunk_rows)
+    torch.testing.assert_close(loss.double(), reference.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xf.grad.double(), xr.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(wf.grad.double(), wr.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_loss_survives_extreme_logits_and_all_ignored_targets():
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 8) * 100, torch.randn(50, 8) * 100  # probabilities far below fp32's range
+    targets = torch.tensor([0, 1, 2, 3])
+    reference = torch.nn.functional.cross_entropy(x @ weight.T, targets)
+    torch.testing.assert_close(lm_head_cross_entropy(x, weight, targets), reference, rtol=1e-5, atol=1e-2)
+    ignored = torch.full((4,), IGNORE_INDEX)
+    assert math.isnan(lm_head_cross_entropy(x, weight, ignored).item())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_row_linear_matches_nn_linear(rows, bias):
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(1, rows, 24)
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (1, rows, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_padded_vocabulary_predicts_only_real_tokens(tiny_model, tiny_config):
+    padded_config = dataclasses.replace(tiny_config, pad_vocab_multiple=64)
+    assert padded_config.padded_vocab_size == 50304
+    torch.manual_seed(1)
+    padded = GPT(padded_config).eval()
+    state = tiny_model.state_dict()
+    wte = padded.transformer.wte.weight.detach().clone()
+    wte[: tiny_config.vocab_size] = state["transformer.wte.weight"]
+    wte[tiny_config.vocab_size :] = 50.0  # padding rows that would win every argmax if they were ever predicted
+    state["transformer.wte.weight"] = state["lm_head.weight"] = wte
+    padded.load_state_dict(state)
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    logits, _ = padded(idx)
+    assert logits.shape == (2, 12, tiny_config.vocab_size)
+    torch.testing.assert_close(logits, tiny_model(idx)[0])
+    torch.testing.assert_close(padded(idx, idx)[1], tiny_model(idx, idx)[1])
+    assert parameter_breakdown(padded)["total_params"] == parameter_breakdown(tiny_model)["total_params"] + 47 * 32

@@ -4,7 +4,7 @@ import torch
 from core.config import SampleConfig
 from core.errors import UsageError
 from core.model import GPT
-from core.sampling import TextStream, _filter_logits, encode_prompt, generate, stream_tokens
+from core.sampling import TextStream, _candidates, encode_prompt, generate, stream_tokens
 
 
 def greedy_without_cache(model: GPT, ids: list[int], steps: int) -> list[int]:
@@ -118,13 +118,29 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model, tokenizer):
 
 
 def test_filters_keep_the_right_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept_k = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=2)))
-    assert kept_k.tolist() == [[True, True, False, False]]
-    kept_p = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=None, top_p=0.7)))
-    assert kept_p.tolist() == [[True, True, False, False]]
-    kept_all = torch.isfinite(_filter_logits(logits, SampleConfig(temperature=1.0, top_k=None, top_p=1.0)))
-    assert kept_all.all()
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3]]))
+
+    def kept(config: SampleConfig) -> list[int]:
+        scores, ids = _candidates(logits, config)
+        ids = torch.arange(logits.size(1)).expand_as(scores) if ids is None else ids
+        return sorted(ids[torch.isfinite(scores)].tolist())
+
+    assert kept(SampleConfig(temperature=1.0, top_k=2)) == [1, 3]
+    assert kept(SampleConfig(temperature=1.0, top_k=None, top_p=0.7)) == [1, 3]
+    assert kept(SampleConfig(temperature=1.0, top_k=3, top_p=0.6)) == [1, 3]
+    assert kept(SampleConfig(temperature=1.0, top_k=None, top_p=1.0)) == [0, 1, 2, 3]
+
+
+def test_top_k_draws_follow_the_renormalised_distribution():
+    """Sampling among the top-k candidates draws each with its probability renormalised over the k."""
+    from core.sampling import _next_tokens
+
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.2, 0.25]])).expand(4000, -1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = _next_tokens(logits, SampleConfig(temperature=1.0, top_k=3), generator)
+    counts = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert counts[0] == counts[2] == 0
+    torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.4, 0.2, 0.25]) / 0.85, atol=0.03, rtol=0)
 
 
 def test_stream_yields_the_same_text_as_generate(tiny_model, tokenizer):

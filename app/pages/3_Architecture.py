@@ -48,7 +48,7 @@ totals[0].metric("Total parameters", f"{report['total_params']:,}")
 totals[1].metric("Trainable parameters", f"{report['trainable_params']:,}")
 totals[2].metric("Size (fp32)", f"{report['size_mb']:.2f} MB")
 
-diagram, numbers = st.columns([3, 2])
+diagram, numbers = st.columns([1, 1])  # the breakdown table needs half the page to show every column
 with diagram:
     st.subheader("Flow")
     st.graphviz_chart(architecture_dot(config), width="stretch")
