@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.config import DataConfig, ModelConfig, TrainConfig
+import torch
+
+from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.trainer import Callback, Trainer
 
 
@@ -38,6 +40,23 @@ class Row:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def machine_description() -> str:
+    """The CPU model, core count, torch threads and versions: where a table's figures were measured."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:  # not Linux: keep platform's answer
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def higher_is_better(name: str, ours: float, reference: float, unit: str, note: str = "") -> Row:
@@ -207,4 +226,245 @@ def compare_fetch(runs: int = 10, steps: int = 20_000, repeats: int = 3, log: Ca
         statistics.median(reference),
         "s",
         f"{runs} runs × {steps:,} steps × {len(charted)} charts: fetch, downsample, build figures",
+    )
+
+
+# -- against Hugging Face transformers' GPT2LMHeadModel ------------------------------------------------------------
+
+BENCH_SEED = 1234
+SAMPLING = {"temperature": 0.8, "top_k": 200}
+"""Sampling settings of the generation rows, the same on both sides."""
+TRAIN_SHAPE = (8, 256)
+"""(B, T) of the training rows, for every config."""
+TRAIN_CONFIGS = {
+    "tiny": ModelConfig.from_preset("tiny", block_size=256),
+    "small": ModelConfig.from_preset("small"),
+    "gpt2": ModelConfig.from_preset("gpt2"),
+}
+"""The training rows' model shapes: the presets, with a context of at least T (tiny's is 128)."""
+
+
+def _shape(config: ModelConfig) -> str:
+    """``gpt2 124M`` for the reference design, else the layers and width."""
+    if config == ModelConfig.from_preset("gpt2"):
+        return "gpt2 124M"
+    return f"{config.n_layer} layers × {config.n_embd} dims"
+
+
+def _seeded_gpt(config: ModelConfig):
+    from core.model import GPT
+
+    torch.manual_seed(BENCH_SEED)
+    return GPT(config)
+
+
+def hf_twin(model, *, train: bool):
+    """A ``transformers.GPT2LMHeadModel`` with exactly ``model``'s weights (the reference side of a row)."""
+    from core.hf import hf_config_dict, import_transformers, to_hf_state_dict
+
+    transformers = import_transformers("the benchmark's reference (Hugging Face GPT2LMHeadModel)")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(**hf_config_dict(model.config))
+    twin = transformers.GPT2LMHeadModel(config)
+    missing, unexpected = twin.load_state_dict(to_hf_state_dict(model), strict=False)
+    if unexpected or any(not key.endswith(("attn.bias", "attn.masked_bias", "lm_head.weight")) for key in missing):
+        raise RuntimeError(f"the reference model did not take every weight: {missing} {unexpected}")
+    twin.generation_config.eos_token_id = None  # random weights may emit <|endoftext|>: both sides run full length
+    twin.generation_config.pad_token_id = 50256
+    return twin.train(train)
+
+
+def generation(
+    batch: int,
+    new_tokens: int,
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+    prompt: str = "ROMEO:",
+    config: ModelConfig | None = None,
+) -> Row:
+    """Sampling tokens/s of the ``gpt2`` preset (124M, fp32) at ``batch`` samples × ``new_tokens`` new tokens:
+    :func:`core.sampling.generate` (ours: text out) against ``GPT2LMHeadModel.generate`` (reference: token ids out),
+    on identical weights and prompt, with the same temperature and top-k, neither stopping early. One short
+    warm-up each, then ``repeats`` alternating runs; medians. ``config`` replaces the model shape (for tests)."""
+    from core.sampling import generate
+    from core.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    model = _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
+    twin = hf_twin(model, train=False)
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)] * batch)
+
+    def ours(n: int) -> float:
+        config = SampleConfig(max_new_tokens=n, num_samples=batch, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
+        result = generate(model, tokenizer, prompt, config)
+        if sum(result.new_tokens) != batch * n:
+            raise RuntimeError(f"ours made {sum(result.new_tokens)} tokens, expected {batch * n}")
+        return result.seconds
+
+    def reference(n: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = twin.generate(
+                prompt_ids,
+                attention_mask=torch.ones_like(prompt_ids),
+                do_sample=True,
+                max_new_tokens=n,
+                **SAMPLING,
+            )
+        seconds = time.perf_counter() - started
+        if out.shape != (batch, prompt_ids.size(1) + n):
+            raise RuntimeError(f"the reference made {tuple(out.shape)} tokens, expected {batch} × {n} new")
+        return seconds
+
+    ours(8), reference(8)  # warm-up: allocators, thread pools, lazy imports
+    ours_rates, reference_rates = [], []
+    for repeat in range(repeats):
+        ours_rates.append(batch * new_tokens / ours(new_tokens))
+        reference_rates.append(batch * new_tokens / reference(new_tokens))
+        log(f"  repeat {repeat + 1}/{repeats}: ours {ours_rates[-1]:.1f} tok/s, reference {reference_rates[-1]:.1f}")
+    return higher_is_better(
+        f"generate_b{batch}",
+        statistics.median(ours_rates),
+        statistics.median(reference_rates),
+        "tokens/s",
+        f"{_shape(model.config)} fp32, {batch} × {new_tokens} new tokens, "
+        f"temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}",
+    )
+
+
+def training(
+    preset: str,
+    steps: int = 3,
+    warmup: int = 1,
+    log: Callable[[str], None] = print,
+    config: ModelConfig | None = None,
+    shape: tuple[int, int] = TRAIN_SHAPE,
+) -> Row:
+    """Training tokens/s of one config at B×T = :data:`TRAIN_SHAPE`: the studio's step (fused LM head + cross
+    entropy, backward, clipping at 0.5, AdamW as the trainer builds it) against ``GPT2LMHeadModel(labels=...)``
+    with the same AdamW settings and clipping, from identical weights on identical batches. Steps alternate
+    between the two; medians of ``steps`` timed steps after ``warmup``. ``config`` and ``shape`` replace the
+    preset's shape and (B, T) (for tests)."""
+    from core.trainer import build_optimizer, build_scheduler
+
+    config = config or TRAIN_CONFIGS[preset]
+    B, T = shape
+    train_config = TrainConfig(max_steps=steps + warmup + 1)
+    model = _seeded_gpt(config).train()
+    twin = hf_twin(model, train=True)
+    optimizer = build_optimizer(model, train_config, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, train_config)
+    twin_optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": train_config.weight_decay},
+            {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=train_config.lr,
+        betas=(train_config.beta1, train_config.beta2),
+        eps=train_config.eps,
+    )
+    generator = torch.Generator().manual_seed(BENCH_SEED)
+    batches = [torch.randint(0, config.vocab_size, (B, T + 1), generator=generator) for _ in range(steps + warmup)]
+
+    def ours(batch: torch.Tensor) -> float:
+        started = time.perf_counter()
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - started
+
+    def reference(batch: torch.Tensor) -> float:
+        started = time.perf_counter()
+        inputs = batch[:, :-1]  # the same T positions as ours (transformers shifts the labels itself)
+        loss = twin(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), train_config.grad_clip)
+        twin_optimizer.step()
+        twin_optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - started
+
+    ours_rates, reference_rates = [], []
+    for i, batch in enumerate(batches):
+        ours_seconds, reference_seconds = ours(batch), reference(batch)
+        if i >= warmup:
+            ours_rates.append(B * T / ours_seconds)
+            reference_rates.append(B * T / reference_seconds)
+            log(
+                f"  step {i - warmup + 1}/{steps}: ours {ours_rates[-1]:,.0f} tok/s, "
+                f"reference {reference_rates[-1]:,.0f}"
+            )
+    return higher_is_better(
+        f"train_{preset}",
+        statistics.median(ours_rates),
+        statistics.median(reference_rates),
+        "tokens/s",
+        f"{_shape(config)}, B={B} T={T}, AdamW + clip 0.5, fp32",
+    )
+
+
+def first_token(
+    repeats: int = 3, log: Callable[[str], None] = print, prompt: str = "ROMEO:", config: ModelConfig | None = None
+) -> Row:
+    """Seconds from a registered 124M model (``gpt2`` preset) to its first generated token, in a warm process:
+    resolve the version in a SQLite registry, load it with :func:`core.registry.load_registered_model`
+    (safetensors, the studio's cache emptied first) and sample one token (ours), against loading the same weights
+    exported in Hugging Face layout with ``GPT2LMHeadModel.from_pretrained`` and ``generate`` of one token
+    (reference). Both read files the page cache already holds. Median of ``repeats``. ``config`` replaces the
+    model shape (for tests)."""
+    from core.checkpoint import save_checkpoint
+    from core.hf import export_hf, import_transformers
+    from core.registry import clear_model_cache, load_registered_model, log_and_register
+    from core.sampling import generate
+    from core.store import connect, ensure_experiment
+    from core.tokenizer import get_tokenizer
+
+    transformers = import_transformers("the benchmark's reference (Hugging Face GPT2LMHeadModel)")
+    tokenizer = get_tokenizer()
+    one_token = SampleConfig(max_new_tokens=1, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
+    with tempfile.TemporaryDirectory(prefix="studio-bench-") as scratch:
+        scratch = Path(scratch)
+        model = _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
+        shape = _shape(model.config)
+        checkpoint = save_checkpoint(model, scratch / "checkpoint")
+        export_hf(model, scratch / "hf")
+        del model
+        client = connect(f"sqlite:///{scratch / 'mlflow.db'}")
+        run_id = client.create_run(ensure_experiment(client, "benchmark")).info.run_id
+        log_and_register(client, run_id, checkpoint, name="bench-gpt2")
+        client.set_terminated(run_id, "FINISHED")
+        log("  registered a 124M model; timing load + first token")
+
+        def ours() -> float:
+            clear_model_cache()
+            started = time.perf_counter()
+            loaded, _, _ = load_registered_model(client, "bench-gpt2")
+            generate(loaded, tokenizer, prompt, one_token)
+            return time.perf_counter() - started
+
+        def reference() -> float:
+            started = time.perf_counter()
+            loaded = transformers.GPT2LMHeadModel.from_pretrained(scratch / "hf").eval()
+            ids = torch.tensor([tokenizer.encode(prompt)])
+            with torch.inference_mode():
+                loaded.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=1, **SAMPLING)
+            return time.perf_counter() - started
+
+        ours(), reference()  # warm-up: the page cache and lazy imports
+        ours_times, reference_times = [], []
+        for repeat in range(repeats):
+            ours_times.append(ours())
+            reference_times.append(reference())
+            log(f"  repeat {repeat + 1}/{repeats}: ours {ours_times[-1]:.2f} s, reference {reference_times[-1]:.2f} s")
+        clear_model_cache()
+    return lower_is_better(
+        "first_token",
+        statistics.median(ours_times),
+        statistics.median(reference_times),
+        "s",
+        f"registered {shape}: resolve + load (safetensors) + 1 sampled token, vs from_pretrained + generate",
     )

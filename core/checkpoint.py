@@ -103,6 +103,19 @@ def read_checkpoint_config(directory: str | Path) -> tuple[ModelConfig, dict[str
     return config, document
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity (integer tensors always do).
+
+    One pass over the data with nothing allocated: the extremes are NaN when any element is (min/max propagate
+    NaN) and infinite when any element is. ``isfinite(t).all()`` would allocate a bool tensor as large as ``t``
+    and take several times longer on a 124M-parameter model, on the path to a first generated token.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
     """The model stored in ``directory`` (in eval mode, on ``device``) and its config.json document.
 
@@ -132,7 +145,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise CheckpointError(
                 f"{weights_path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise CheckpointError(f"{weights_path}: {name} contains NaN or infinite values; the checkpoint is unusable")
     state[TIED_KEY] = state["transformer.wte.weight"]
     model.load_state_dict(state, assign=True)

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.checkpoint import all_finite
 from core.config import GPT2_VOCAB_SIZE, ModelConfig
 from core.errors import UsageError
 from core.model import GPT
@@ -216,7 +217,7 @@ def from_hf_state_dict(
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise HFFormatError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
-        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+        if not all_finite(state[key]):
             raise HFFormatError(f"{where}: {key} contains NaN or infinite values; the checkpoint is unusable")
     if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
         raise HFFormatError(f"{where}: lm_head.weight differs from wte.weight; the studio needs a tied LM head")

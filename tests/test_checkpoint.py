@@ -48,10 +48,11 @@ def test_garbage_weights_are_refused(tiny_checkpoint):
         load_checkpoint(tiny_checkpoint)
 
 
-def test_nan_weights_are_refused(tiny_checkpoint):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_weights_are_refused(tiny_checkpoint, bad):
     weights = tiny_checkpoint / "model.safetensors"
     state = load_file(str(weights))
-    state["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    state["transformer.h.0.mlp.c_fc.weight"][3, 7] = bad
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(tiny_checkpoint)
