@@ -24,6 +24,9 @@ MAX_NEW_TOKENS_CAP = 4096
 NUM_SAMPLES_CAP = 16
 """Largest ``num_samples`` a generation request may ask for (they run as one batch)."""
 
+MAX_PEAK_TFLOPS = 100_000
+"""Largest ``peak_tflops`` a training config accepts: far above any single accelerator, far below FLOP/s units."""
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -266,6 +269,10 @@ class TrainConfig:
     """A Hugging Face GPT-2 folder (config.json + model.safetensors) whose weights replace the random
     initialisation, to fine-tune; the model config must have its shape (see :func:`core.hf.read_hf_config`).
     None trains from scratch."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` for training steps (pays on CUDA; needs a C++ compiler on CPU)."""
+    peak_tflops: float | None = None
+    """The device's peak dense TFLOP/s for MFU; None: looked up for known CUDA GPUs, else no MFU."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "avg_window", "sample_tokens"):
@@ -308,6 +315,14 @@ class TrainConfig:
         _require(
             self.init_from is None or (isinstance(self.init_from, str) and Path(self.init_from).is_dir()),
             f"train config: init_from must be an existing folder (a Hugging Face GPT-2 model), got {self.init_from!r}",
+        )
+        _require(isinstance(self.compile, bool), f"train config: compile must be true or false, got {self.compile!r}")
+        # The upper bound catches FLOP/s given where TFLOP/s are meant (989e12 for an H100), which would make every
+        # MFU a near-zero number instead of an error.
+        _require(
+            self.peak_tflops is None or (_is_number(self.peak_tflops) and 0 < self.peak_tflops <= MAX_PEAK_TFLOPS),
+            f"train config: peak_tflops must be a number of TFLOP/s in (0, {MAX_PEAK_TFLOPS:,}] "
+            f"(e.g. 989 for an H100 SXM), or unset, got {self.peak_tflops!r}",
         )
 
     def to_dict(self) -> dict[str, Any]:

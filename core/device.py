@@ -1,12 +1,29 @@
-"""Choosing the compute device."""
+"""Choosing the compute device, and what is known about it: peak FLOP/s for MFU, and torch.compile's needs."""
 
 from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
 
 import torch
 
 from core.errors import UsageError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("h100", "pcie"), 756e12),
+    (("h100",), 989e12),  # any other H100 (e.g. "NVIDIA H100 80GB HBM3") is taken for the SXM part
+    (("h200",), 989e12),
+    (("a100",), 312e12),
+    (("l4",), 121e12),
+    (("a10",), 125e12),
+    (("rtx", "4090"), 165e12),
+)
+"""Dense (no sparsity) bf16 tensor-core peaks in FLOP/s from the vendors' datasheets, keyed by the words that must
+all appear in ``torch.cuda.get_device_name``. Checked in order, so a family's more specific entry comes first."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -25,3 +42,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device 'mps' was asked for but MPS is not available; use --device cpu or auto")
     return torch.device(name)
+
+
+def peak_flops_for_name(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a CUDA device called ``device_name`` (case-insensitive), or None if unknown.
+
+    Names are compared word by word, not as raw substrings, so that "L4" does not claim an "L40S" nor "A10" an
+    "A100" or "A10G", which have other peaks: an unlisted GPU gets no MFU rather than a wrong one.
+    """
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    for required, flops in PEAK_BF16_FLOPS:
+        if words.issuperset(required):
+            return flops
+    return None
+
+
+def peak_flops(device: str | torch.device) -> float | None:
+    """The peak dense bf16 FLOP/s of ``device`` when it is a CUDA GPU in :data:`PEAK_BF16_FLOPS`, else None.
+
+    CPUs and MPS have no entry: their peaks depend on the exact chip, clocks and core count, so MFU there needs an
+    explicit figure (``TrainConfig.peak_tflops``).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def cpp_compiler() -> str | None:
+    """Path of the C++ compiler torch.compile's CPU backend (Inductor) would run: ``$CXX``, else g++ (clang++ on
+    macOS), or None when it is not installed."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))

@@ -4,7 +4,11 @@ The trainer knows nothing of MLflow, the terminal or Streamlit. It reports throu
 ``on_train_start(summary)``, ``on_step(step, metrics)``, ``on_eval(step, metrics)``, ``on_sample(step, text)`` and
 ``on_train_end(result)``. Every step reports ``loss``, ``avg_loss`` (mean of the last ``avg_window`` steps),
 ``best_loss`` (lowest single-step loss so far), ``lr`` (the rate used for that step), ``time_per_batch`` (seconds)
-and ``tokens_per_sec``; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character).
+and ``tokens_per_sec``, plus ``mfu`` (model FLOPs utilisation, a fraction of the device's peak) when that peak is
+known; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character).
+
+On CUDA, training runs under bf16 autocast with TF32 matmuls and fused AdamW; ``TrainConfig.compile`` runs the
+training steps through ``torch.compile`` while evaluation, samples and checkpoints use the plain module.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
-from core.device import resolve_device
+from core.device import cpp_compiler, peak_flops, resolve_device
 from core.errors import UsageError
 from core.hf import load_hf_state_dict
 from core.model import GPT, parameter_breakdown
@@ -82,6 +86,27 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def enable_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores; elsewhere do nothing.
+
+    Most of a step already runs in bf16 under autocast; the fp32 matmuls that remain (outside autocast, or kept in
+    fp32 by it) get several times faster for a precision loss training does not notice. The switches are global to
+    the process, which is why this runs only for a CUDA trainer.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def training_module(model: GPT, compile: bool) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """What training steps call: ``torch.compile(model)`` when ``compile`` is set, else ``model`` itself.
+
+    The compiled wrapper shares ``model``'s parameters (it holds the module, not a copy), so the optimizer, the
+    checkpoints and evaluation keep working on ``model``. Compilation happens lazily, on the first step.
+    """
+    return torch.compile(model) if compile else model
+
+
 def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights only (matmuls and embeddings), none on biases and LayerNorms."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
@@ -117,7 +142,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
 class Trainer:
     """Trains a GPT on a prepared corpus.
 
-    Everything that can be refused (device, corpus, block size) is checked in the constructor, before any work.
+    Everything that can be refused (device, corpus, block size, compiling without a compiler) is checked in the
+    constructor, before any work.
     ``fit(out_dir)`` runs until a stop rule fires: the running-average loss below ``target_loss``, ``max_steps``, the
     validation patience, or :meth:`request_stop` (e.g. from a signal handler). It always ends with a final
     evaluation (if enabled), a final sample and a final checkpoint. With ``train_config.init_from`` the model
@@ -144,12 +170,30 @@ class Trainer:
         self.config = train_config
         self.callbacks = list(callbacks)
         self.device = resolve_device(train_config.device)
+        if train_config.compile and self.device.type == "cpu" and cpp_compiler() is None:
+            # Inductor would only fail at the first step, after the corpus and the model are ready: refuse now.
+            raise UsageError("compiling for the CPU needs a C++ compiler (g++, or $CXX); install one or drop --compile")
         self.tokenizer = tokenizer or get_tokenizer()
         self.corpus = corpus or prepare_corpus(data_config, self.tokenizer)
+        enable_tf32(self.device)
+        # Imported here: core.estimate imports this module (for the optimizer it times), so a top-level import loops.
+        from core.estimate import training_flops_per_token
+
+        # MFU's numerator per token (at the trained sequence length) and its denominator, fixed for the whole run;
+        # without a known peak (CPU, MPS, an unlisted GPU, and no peak_tflops) no step reports ``mfu``.
+        self.flops_per_token = training_flops_per_token(model_config, data_config.block_size)
+        peak_tflops = train_config.peak_tflops
+        self.peak_flops = peak_tflops * 1e12 if peak_tflops is not None else peak_flops(self.device)
         torch.manual_seed(train_config.seed)
         self.model = GPT(model_config).to(self.device)
         if train_config.init_from is not None:  # fine-tune: pretrained weights replace the random initialisation
             self.model.load_state_dict(load_hf_state_dict(train_config.init_from, model_config))
+        self._train_step_model = training_module(self.model, train_config.compile)
+        # On the CPU the model's default loss is its hand-written chunked LM head + cross-entropy (an autograd
+        # Function computing into preallocated buffers), which Inductor (torch 2.13) fails to compile ("KeyError:
+        # 'buf1'"). Compiled steps there take the plain logits + F.cross_entropy route instead, which compiles and
+        # which Inductor fuses itself; on other devices that route is the model's default anyway.
+        self._plain_loss = train_config.compile and self.device.type == "cpu"
         self.optimizer = build_optimizer(self.model, train_config, self.device)
         self.scheduler = build_scheduler(self.optimizer, train_config)
         self.batches = TokenBatches(
@@ -181,6 +225,8 @@ class Trainer:
             "batches_per_epoch": self.batches.batches_per_epoch,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "flops_per_token": self.flops_per_token,
+            "peak_tflops": None if self.peak_flops is None else self.peak_flops / 1e12,
             "dataset_name": self.corpus.meta["name"],
             "dataset_sha256": self.corpus.meta["sha256"],
         }
@@ -252,7 +298,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             lr = self.optimizer.param_groups[0]["lr"]
             with _autocast(self.device):
-                _, loss = self.model(x, y)
+                # [1]: only the loss; the logits the plain route returns are not kept alive through the step
+                loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -267,18 +314,17 @@ class Trainer:
             window.append(loss_value)
             best_loss = min(best_loss, loss_value)
             avg_loss = sum(window) / len(window)
-            self._emit(
-                "on_step",
-                step,
-                {
-                    "loss": loss_value,
-                    "avg_loss": avg_loss,
-                    "best_loss": best_loss,
-                    "lr": lr,
-                    "time_per_batch": elapsed,
-                    "tokens_per_sec": tokens_per_step / elapsed,
-                },
-            )
+            metrics = {
+                "loss": loss_value,
+                "avg_loss": avg_loss,
+                "best_loss": best_loss,
+                "lr": lr,
+                "time_per_batch": elapsed,
+                "tokens_per_sec": tokens_per_step / elapsed,
+            }
+            if self.peak_flops is not None:
+                metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak_flops
+            self._emit("on_step", step, metrics)
             if cfg.eval_interval and step % cfg.eval_interval == 0:
                 run_eval(step)
                 if cfg.patience is not None and evals_without_improvement >= cfg.patience:

@@ -40,7 +40,11 @@ class TerminalProgress(Callback):
             self._line(f"  {name}: {size:.2f} MB")
         self._line(f"loaded {summary['tokens_loaded']:,} tokens ({summary['dataset_name']})")
         self._line(f"1 epoch = {summary['batches_per_epoch']:,} batches of {summary['tokens_per_batch']:,} tokens")
-        self._line(f"device: {summary['device']}, {summary['threads']} threads")
+        peak = summary.get("peak_tflops")
+        self._line(
+            f"device: {summary['device']}, {summary['threads']} threads"
+            + (f", peak {peak:g} TFLOP/s (for MFU)" if peak is not None else "")
+        )
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.log_interval == 0 or step == 1:
@@ -48,6 +52,8 @@ class TerminalProgress(Callback):
                 f"step {step:6d} | loss {metrics['loss']:.4f} | avg_loss {metrics['avg_loss']:.4f} | "
                 f"best_loss {metrics['best_loss']:.4f} | lr {metrics['lr']:.2e} | "
                 f"time/batch {metrics['time_per_batch'] * 1000:.1f} ms | {metrics['tokens_per_sec']:,.0f} tok/s"
+                # MFU is reported only where the device's peak is known (see core.device.peak_flops)
+                + (f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else "")
             )
         if self.is_tty:
             elapsed = time.perf_counter() - self._started

@@ -4,6 +4,7 @@ Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--t
        [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
        [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
        [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR] [--init-from HF_DIR [--context T]]
+       [--pad-vocab N] [--compile] [--peak-tflops X]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
 or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
@@ -16,6 +17,12 @@ config.json: --preset, --n-layer, --n-head and --n-embd may be given only if the
 shorter than the checkpoint's n_positions (only the first position embeddings are kept), never longer; --dropout
 defaults to the checkpoint's resid_pdrop.
 
+On a CUDA GPU training runs in bf16 autocast with TF32 matmuls and fused AdamW. --pad-vocab 64 rounds the
+embedding and LM head rows up to a multiple of 64 (faster GPU matmuls; the tokenizer and the predictions are
+unchanged); --compile runs the training steps through torch.compile (slow to start, then faster on CUDA; on the CPU
+it needs a C++ compiler). Every step logs mfu, the model FLOPs utilisation, when the GPU's peak is known (H100, H200,
+A100, L4, A10, RTX 4090) or given with --peak-tflops.
+
 With --job-dir (used by the studio app's background jobs, see core/jobs.py) the run id, live progress and the
 outcome are also written to that folder, and the run is tagged with the job id and process id.
 """
@@ -23,6 +30,7 @@ outcome are also written to that folder, and the run is tagged with the job id a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +59,12 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--n-embd", type=positive_int, help="override the preset's width")
     model.add_argument("--context", type=positive_int, help="override the preset's context length")
     model.add_argument("--dropout", type=float, help="dropout probability in [0, 1) (default 0)")
+    model.add_argument(
+        "--pad-vocab",
+        type=positive_int,
+        metavar="N",
+        help="round the embedding/LM head rows up to a multiple of N, 64 suits GPUs; 1 = none (default 1)",
+    )
     model.add_argument(
         "--init-from",
         metavar="HF_DIR",
@@ -120,6 +134,17 @@ def build_parser() -> ArgumentParser:
     )
     opt.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     opt.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = CUDA, then MPS, then CPU")
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        help="run training steps through torch.compile (pays on CUDA; needs a C++ compiler on CPU)",
+    )
+    opt.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="X",
+        help="the device's peak dense TFLOP/s for MFU (default: looked up for known CUDA GPUs, else no MFU)",
+    )
 
     track = p.add_argument_group("tracking and registry")
     track.add_argument(
@@ -149,6 +174,8 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
 
     if args.init_from is not None:
         model_config = init_from_model_config(args)
+        if args.pad_vocab is not None:  # padding is the studio's layout, not part of the checkpoint's shape
+            model_config = dataclasses.replace(model_config, pad_vocab_multiple=args.pad_vocab)
     else:
         model_config = ModelConfig.from_preset(
             args.preset or DEFAULT_PRESET,
@@ -157,6 +184,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
             n_embd=args.n_embd,
             block_size=args.context,
             dropout=args.dropout,
+            pad_vocab_multiple=args.pad_vocab,
         )
     block_size = args.block_size or model_config.block_size
     batch_size = args.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
@@ -182,6 +210,8 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         seed=args.seed,
         device=args.device,
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
+        compile=args.compile,
+        peak_tflops=args.peak_tflops,
     )
     tracking = TrackingConfig(
         experiment=args.experiment,

@@ -192,3 +192,61 @@ def test_an_unreachable_tracking_server_is_one_line(monkeypatch):
     assert_usage_error(
         cli("pipelines.generate", "--prompt", "x", timeout=60), "cannot reach the MLflow tracking server"
     )
+
+
+# ---- training flags of the GPU path: --pad-vocab, --compile, --peak-tflops ----
+
+
+def train_configs(*argv: str):
+    from pipelines.train import build_configs, build_parser
+
+    return build_configs(build_parser().parse_args(["--device", "cpu", *argv]))
+
+
+def test_train_gpu_flags_reach_the_configs():
+    model, _, train, _ = train_configs()
+    assert (model.pad_vocab_multiple, train.compile, train.peak_tflops) == (1, False, None)
+    model, _, train, _ = train_configs("--pad-vocab", "64", "--compile", "--peak-tflops", "312")
+    assert model.pad_vocab_multiple == 64 and model.padded_vocab_size == 50_304
+    assert (model.n_layer, model.n_embd) == (4, 128)  # the rest of the preset is untouched
+    assert train.compile is True and train.peak_tflops == 312
+
+
+def test_pad_vocab_applies_to_init_from_and_the_weights_load_padded(tmp_path, tiny_model, shakespeare_path):
+    import dataclasses
+
+    import torch
+
+    from core.hf import export_hf
+    from core.trainer import Trainer
+
+    folder = tmp_path / "hf"
+    export_hf(tiny_model, folder)
+    corpus = tmp_path / "head.txt"
+    corpus.write_text(shakespeare_path.read_text()[:20_000])
+    argv = ["--init-from", str(folder), "--data", str(corpus), "--block-size", "16", "--batch-size", "2"]
+    unpadded, *_ = train_configs(*argv)
+    assert unpadded.pad_vocab_multiple == 1
+    # The shape comes from the checkpoint; the padding is the studio's own layout, so it still applies.
+    model_config, data_config, train_config, _ = train_configs(*argv, "--pad-vocab", "64")
+    assert model_config == dataclasses.replace(unpadded, pad_vocab_multiple=64)
+    data_config = dataclasses.replace(data_config, cache_dir=str(tmp_path / "data"))
+    trainer = Trainer(model_config, data_config, train_config)
+    wte = trainer.model.transformer.wte.weight
+    assert wte.shape == (50_304, 32)
+    torch.testing.assert_close(wte[:50_257], tiny_model.transformer.wte.weight, rtol=0, atol=0)
+    assert not wte[50_257:].any()  # the padding rows start at zero and are never predicted
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--peak-tflops", "0"], "peak_tflops must be a number of TFLOP/s"),
+        (["--peak-tflops", "9.89e14"], "e.g. 989 for an H100 SXM"),
+        (["--peak-tflops", "fast"], "invalid float value"),
+        (["--pad-vocab", "0"], "expected a positive integer"),
+        (["--pad-vocab", "2048"], "pad_vocab_multiple must be an integer in 1..1024"),
+    ],
+)
+def test_train_bad_gpu_flags_are_one_line_and_exit_2(extra, fragment):
+    assert_usage_error(cli("pipelines.train", "--device", "cpu", *extra), fragment)

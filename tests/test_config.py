@@ -1,6 +1,6 @@
 import pytest
 
-from core.config import PRESETS, DataConfig, ModelConfig, SampleConfig
+from core.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig
 
 
 def test_presets_have_the_documented_shapes():
@@ -73,3 +73,30 @@ def test_bad_data_configs_are_rejected():
         DataConfig(order="shuffled")
     with pytest.raises(ValueError, match="batch_size"):
         DataConfig(batch_size=0)
+
+
+def test_compile_and_peak_tflops_default_off_and_accept_good_values():
+    assert TrainConfig().compile is False and TrainConfig().peak_tflops is None
+    config = TrainConfig(compile=True, peak_tflops=989)
+    assert config.compile is True and config.peak_tflops == 989
+    assert TrainConfig(peak_tflops=0.5).peak_tflops == 0.5  # a CPU's peak can be below one TFLOP/s
+    assert config.to_dict()["compile"] is True and config.to_dict()["peak_tflops"] == 989
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+        ({"compile": 1}, "compile must be true or false, got 1"),
+        ({"peak_tflops": 0}, "peak_tflops must be a number of TFLOP/s"),
+        ({"peak_tflops": -312.0}, "peak_tflops must be a number of TFLOP/s"),
+        ({"peak_tflops": float("nan")}, "peak_tflops must be a number of TFLOP/s"),
+        ({"peak_tflops": float("inf")}, "peak_tflops must be a number of TFLOP/s"),
+        ({"peak_tflops": 989e12}, "e.g. 989 for an H100 SXM"),  # FLOP/s where TFLOP/s are meant
+        ({"peak_tflops": "989"}, "peak_tflops must be a number of TFLOP/s"),
+        ({"peak_tflops": True}, "peak_tflops must be a number of TFLOP/s"),
+    ],
+)
+def test_bad_compile_and_peak_tflops_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**fields)

@@ -1,3 +1,5 @@
+import dataclasses
+import io
 import math
 
 import pytest
@@ -5,7 +7,9 @@ import torch
 
 from core.config import DataConfig, ModelConfig, TrainConfig
 from core.errors import UsageError
+from core.estimate import training_flops_per_token
 from core.trainer import Callback, Trainer, build_optimizer, build_scheduler
+from pipelines.progress import TerminalProgress
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -170,3 +174,146 @@ def test_gradients_are_clipped(small_corpus, tmp_path, monkeypatch):
     trainer.fit(tmp_path / "out")
     assert [m for m, _ in seen] == [0.5, 0.5, 0.5]
     assert seen[0][1] > 0.5  # the initial gradients are larger than the clip, so clipping mattered
+
+
+# ---- the GPU training path: MFU, vocabulary padding, torch.compile, TF32 ----
+
+# Importing torch.compile's machinery (torch._dynamo) makes torch itself warn about its own TorchScript use.
+quiet_compile_import = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def test_mfu_is_reported_on_every_step_when_a_peak_is_given(small_corpus, tmp_path):
+    trainer, rec = make_trainer(small_corpus, tmp_path, max_steps=4, peak_tflops=1.0, eval_interval=0, target_loss=0)
+    terminal = io.StringIO()
+    trainer.callbacks.append(TerminalProgress(4, log_interval=1, stream=terminal, show_samples=False))
+    trainer.fit(tmp_path / "out")
+    flops_per_token = training_flops_per_token(MODEL, 32)
+    assert trainer.flops_per_token == flops_per_token
+    assert rec.summary["flops_per_token"] == flops_per_token and rec.summary["peak_tflops"] == 1.0
+    assert len(rec.steps) == 4
+    for _, metrics in rec.steps:
+        assert metrics["mfu"] == pytest.approx(metrics["tokens_per_sec"] * flops_per_token / 1e12)
+        assert 0 < metrics["mfu"] < 1  # a tiny model on a CPU is nowhere near even 1 TFLOP/s
+    lines = terminal.getvalue().splitlines()
+    assert any(line.startswith("device: cpu") and line.endswith("peak 1 TFLOP/s (for MFU)") for line in lines)
+    assert sum(" | mfu " in line for line in lines) == 4
+
+
+def test_no_mfu_on_the_cpu_without_a_peak(small_corpus, tmp_path):
+    trainer, rec = make_trainer(small_corpus, tmp_path, max_steps=2, eval_interval=0, target_loss=0)
+    trainer.fit(tmp_path / "out")
+    assert trainer.peak_flops is None and rec.summary["peak_tflops"] is None
+    assert rec.summary["flops_per_token"] > 0  # the FLOPs are known even where the peak is not
+    assert all("mfu" not in metrics for _, metrics in rec.steps)
+
+
+def test_the_device_peak_is_looked_up_and_a_given_peak_overrides_it(small_corpus, tmp_path, monkeypatch):
+    # No GPU needed: the lookup is faked to know this CPU's peak, as the real one knows a listed GPU's.
+    import core.trainer
+
+    monkeypatch.setattr(core.trainer, "peak_flops", lambda device: 989e12 if device.type == "cpu" else None)
+    trainer, _ = make_trainer(small_corpus, tmp_path)
+    assert trainer.peak_flops == 989e12 and trainer.summary()["peak_tflops"] == 989
+    trainer, _ = make_trainer(small_corpus, tmp_path, peak_tflops=312)
+    assert trainer.peak_flops == 312e12 and trainer.summary()["peak_tflops"] == 312
+
+
+def test_a_padded_vocabulary_trains_and_its_checkpoint_reloads_with_the_same_logits(small_corpus, tmp_path):
+    from core.checkpoint import load_checkpoint
+
+    padded = dataclasses.replace(MODEL, pad_vocab_multiple=64)
+    data = DataConfig(source=str(small_corpus), cache_dir=str(tmp_path / "data"), batch_size=4, block_size=32)
+    config = TrainConfig(max_steps=5, eval_interval=5, sample_interval=0, sample_tokens=8, device="cpu", lr=3e-3)
+    rec = Recorder()
+    trainer = Trainer(padded, data, config, [rec])
+    assert trainer.model.transformer.wte.weight.shape[0] == 50_304  # 50,257 rounded up to a multiple of 64
+    result = trainer.fit(tmp_path / "out")
+    assert result.steps == 5 and all(math.isfinite(m["loss"]) for _, m in rec.steps)
+    assert rec.steps[-1][1]["loss"] < rec.steps[0][1]["loss"]
+    reloaded, document = load_checkpoint(result.final_checkpoint)
+    assert reloaded.config == padded and document["model"]["pad_vocab_multiple"] == 64
+    idx = torch.from_numpy(trainer.corpus.tokens("val")[:32].astype("int64")).unsqueeze(0)
+    with torch.no_grad():
+        expected, _ = trainer.model.eval()(idx)
+        got, _ = reloaded(idx)
+    assert got.shape == (1, 32, 50_257)  # padding rows are never predicted
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@quiet_compile_import
+def test_training_module_compiles_a_wrapper_that_shares_the_parameters():
+    from core.model import GPT
+    from core.trainer import training_module
+
+    model = GPT(MODEL)
+    assert training_module(model, compile=False) is model
+    compiled = training_module(model, compile=True)  # lazy: nothing is compiled until it is called
+    assert compiled is not model and compiled._orig_mod is model
+    assert all(a is b for a, b in zip(compiled.parameters(), model.parameters(), strict=True))
+
+
+def test_compiling_without_a_cpp_compiler_is_refused_before_any_work(small_corpus, tmp_path, monkeypatch):
+    import core.trainer
+
+    monkeypatch.setattr(core.trainer, "cpp_compiler", lambda: None)
+    monkeypatch.setattr(core.trainer, "prepare_corpus", lambda *a: pytest.fail("the corpus was prepared first"))
+    with pytest.raises(UsageError, match="needs a C\\+\\+ compiler"):
+        make_trainer(small_corpus, tmp_path, compile=True)
+
+
+@pytest.mark.slow
+@quiet_compile_import
+def test_compiled_training_steps_give_the_same_losses_and_plain_checkpoints(small_corpus, tmp_path):
+    from core.checkpoint import load_checkpoint
+    from core.device import cpp_compiler
+
+    if cpp_compiler() is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++, or $CXX), and none is installed")
+    one_layer = dataclasses.replace(MODEL, n_layer=1)
+    data = DataConfig(source=str(small_corpus), cache_dir=str(tmp_path / "data"), batch_size=2, block_size=16)
+    fields = {"max_steps": 2, "eval_interval": 0, "sample_interval": 0, "sample_tokens": 4, "target_loss": 0}
+    runs = {}
+    for compile in (False, True):
+        rec = Recorder()
+        config = TrainConfig(**fields, device="cpu", compile=compile, lr=1e-2)
+        trainer = Trainer(one_layer, data, config, [rec])
+        if compile:  # the steps go through a compiled wrapper of the very module that is checkpointed
+            assert trainer._train_step_model._orig_mod is trainer.model
+        result = trainer.fit(tmp_path / f"out-{compile}")
+        runs[compile] = ([m["loss"] for _, m in rec.steps], result.final_checkpoint)
+    (plain_losses, plain_checkpoint), (compiled_losses, compiled_checkpoint) = runs[False], runs[True]
+    assert len(compiled_losses) == 2
+    # The second loss comes after an optimizer step on the compiled gradients, so it checks the backward pass too.
+    assert compiled_losses == pytest.approx(plain_losses, abs=1e-4)
+    assert compiled_losses[1] != pytest.approx(compiled_losses[0], abs=1e-3)
+    # The checkpoint is the plain module's (no "_orig_mod." keys) and loads like any other.
+    model, _ = load_checkpoint(compiled_checkpoint)
+    reference, _ = load_checkpoint(plain_checkpoint)
+    for (name, a), (other, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert name == other
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_tf32_is_enabled_for_cuda_only():
+    from core.trainer import enable_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        enable_tf32(torch.device("cpu"))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        enable_tf32(torch.device("cuda"))  # only flips process-wide switches: no GPU needed
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_terminal_line_shows_mfu_only_when_reported():
+    stream = io.StringIO()
+    progress = TerminalProgress(10, log_interval=1, stream=stream)
+    metrics = {"loss": 5.0, "avg_loss": 5.0, "best_loss": 5.0, "lr": 1e-3, "time_per_batch": 0.1}
+    progress.on_step(1, {**metrics, "tokens_per_sec": 1000.0})
+    progress.on_step(2, {**metrics, "tokens_per_sec": 1000.0, "mfu": 0.4123})
+    first, second = stream.getvalue().splitlines()
+    assert "mfu" not in first
+    assert second.endswith("1,000 tok/s | mfu 41.2%")
