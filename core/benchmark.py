@@ -349,7 +349,7 @@ def training(
 
     config = config or TRAIN_CONFIGS[preset]
     B, T = shape
-    train_config = TrainConfig(max_steps=steps + warmup + 1)
+    train_config = TrainConfig(max_steps=1000)  # only the schedule's length: it must outlast the steps taken
     model = _seeded_gpt(config).train()
     twin = hf_twin(model, train=True)
     optimizer = build_optimizer(model, train_config, torch.device("cpu"))

@@ -127,11 +127,17 @@ def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> to
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.OneCycleLR:
     """OneCycle: warm up to ``lr`` over ``warmup_fraction`` of ``max_steps``, then cosine-anneal down."""
+    total_steps = config.max_steps + 1  # the schedule is stepped after every step, including the last
+    pct_start = config.warmup_fraction
+    if math.isclose(pct_start * total_steps, 1.0):
+        # OneCycleLR divides by the warm-up's length in steps, pct_start · total_steps - 1, which is zero here
+        # (e.g. 10% of --max-steps 9): make the warm-up half a step longer.
+        pct_start = 1.5 / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=config.lr,
-        total_steps=config.max_steps + 1,  # the schedule is stepped after every step, including the last
-        pct_start=config.warmup_fraction,
+        total_steps=total_steps,
+        pct_start=pct_start,
         div_factor=config.div_factor,
         final_div_factor=config.final_div_factor,
         anneal_strategy="cos",

@@ -317,3 +317,19 @@ def test_the_terminal_line_shows_mfu_only_when_reported():
     first, second = stream.getvalue().splitlines()
     assert "mfu" not in first
     assert second.endswith("1,000 tok/s | mfu 41.2%")
+
+
+@pytest.mark.parametrize("max_steps, warmup", [(1, 0.1), (9, 0.1), (19, 0.05), (1, 0.5), (3, 0.25), (200, 0.1)])
+def test_schedule_works_for_every_run_length(max_steps, warmup):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    config = TrainConfig(max_steps=max_steps, warmup_fraction=warmup, lr=1e-3)
+    scheduler = build_scheduler(optimizer, config)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(max_steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    if warmup * (max_steps + 1) >= 1:  # a warm-up of at least one step starts from lr / div_factor
+        assert rates[0] == pytest.approx(1e-3 / config.div_factor)
+    assert max(rates) <= 1e-3 * (1 + 1e-9) and min(rates) > 0
