@@ -39,10 +39,12 @@ st.markdown(f"Runs and models are stored in `{uri}`. Open the same store in the 
 ui.mlflow_ui_hint()
 st.caption("Set MLFLOW_TRACKING_URI before starting the studio to use another store, e.g. a shared tracking server.")
 
+ui.show_reaped_runs(uri)  # before counting: a run whose process died must not count as running
 all_runs = ui.safely("Reading the runs failed", ui.runs, uri)
 models = ui.safely("Reading the model registry failed", ui.registered_models, uri)
 jobs = ui.safely("Reading the training jobs failed", list_jobs)
 active = [job for job in jobs if job.is_active]
+died = [job for job in jobs if job.state == "died"]
 
 metrics = st.columns(4)
 metrics[0].metric("Runs", len(all_runs))
@@ -58,6 +60,10 @@ for job in active:
     step, total = progress.get("step", 0), progress.get("max_steps") or 1
     label = job.label or job.job_id
     st.progress(min(1.0, step / total), text=f"{label}: step {step:,} of {total:,} ({job.state})")
+if died:
+    # Not "running": the process is gone (list_jobs has ended a run it left RUNNING KILLED; Train shows why).
+    names = ", ".join(job.label or job.job_id for job in died[:3]) + (", …" if len(died) > 3 else "")
+    st.caption(f"💀 {len(died)} job(s) died, their training process killed or crashed: {names}")
 if jobs:
     ui.page_link("Train", label="Manage training jobs", icon="🏋️")
 

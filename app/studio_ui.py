@@ -95,6 +95,33 @@ def model_for(uri: str, name: str, version: int):
     return load_registered_model(client_for(uri), f"{name}/{version}")
 
 
+REAP_TTL_S = 30
+"""How often (seconds, per store) a page looks for runs whose training process died outside the app's jobs."""
+
+
+@st.cache_data(ttl=REAP_TTL_S, show_spinner=False)
+def reap_dead_runs(uri: str) -> list[str]:
+    """End KILLED every RUNNING run of store ``uri`` whose training process on this machine is gone (a
+    ``python -m pipelines.train`` killed in a terminal: :func:`core.jobs.reap_orphan_runs`), at most once per
+    :data:`REAP_TTL_S`; the ids of the runs ended. Jobs the app started are reconciled by ``list_jobs`` itself."""
+    from core.jobs import reap_orphan_runs
+
+    return [reaped.run_id for reaped in reap_orphan_runs(uri)]
+
+
+def show_reaped_runs(uri: str) -> None:
+    """Run :func:`reap_dead_runs` and say what it ended; a store it cannot check is a warning, not a stop."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        ended = reap_dead_runs(uri)
+    except (StudioError, MlflowException, OSError) as exc:
+        st.warning(f"Could not check for runs whose training process died: {exc}", icon="⚠️")
+        return
+    if ended:
+        st.caption(f"💀 Ended KILLED {len(ended)} run(s) whose training process died: {', '.join(ended[:3])}")
+
+
 def safely(what: str, reader, *args, **kwargs):
     """``reader(*args, **kwargs)``; when the store or the input is at fault, a one-line error and the page stops
     there (a bug keeps its traceback)."""

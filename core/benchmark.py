@@ -92,10 +92,13 @@ class _TimedLogger(Callback):
 
 
 def _tiny_trainer(corpus: str, steps: int, callbacks: list[Callback]) -> Trainer:
-    """The tiny preset at its default batch (2,048 tokens), with no evaluation and no periodic samples."""
+    """The tiny preset at its default batch (2,048 tokens), with no evaluation, periodic samples or resumable
+    checkpoints."""
     model = ModelConfig.from_preset("tiny")
     data = DataConfig(source=corpus, batch_size=16, block_size=model.block_size)
-    train = TrainConfig(max_steps=steps, target_loss=0, eval_interval=0, sample_interval=0, sample_tokens=1)
+    train = TrainConfig(
+        max_steps=steps, target_loss=0, eval_interval=0, sample_interval=0, sample_tokens=1, checkpoint_interval=0
+    )
     return Trainer(model, data, train, callbacks)
 
 

@@ -7,6 +7,7 @@ wrong and what would be accepted. Configs are plain data: they are passed explic
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,10 +197,9 @@ class SampleConfig:
             _is_int(self.num_samples) and 1 <= self.num_samples <= NUM_SAMPLES_CAP,
             f"num_samples must be between 1 and {NUM_SAMPLES_CAP}, got {self.num_samples!r}",
         )
+        # Finite only: an infinite temperature would silently mean "uniform over the vocabulary" (or top-k).
         _require(
-            isinstance(self.temperature, (int, float))
-            and self.temperature >= 0
-            and self.temperature == self.temperature,
+            _is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
             f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}",
         )
         _require(
@@ -207,7 +207,7 @@ class SampleConfig:
             f"top_k must be a positive integer (or unset), got {self.top_k!r}",
         )
         _require(
-            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+            _is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
             f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         _require(
@@ -273,12 +273,17 @@ class TrainConfig:
     """Wrap the model in ``torch.compile`` for training steps (pays on CUDA; needs a C++ compiler on CPU)."""
     peak_tflops: float | None = None
     """The device's peak dense TFLOP/s for MFU; None: looked up for known CUDA GPUs, else no MFU."""
+    checkpoint_interval: int = 500
+    """Write a resumable checkpoint every this many steps and when training ends or is stopped; 0 writes none
+    (a stopped run then cannot be resumed)."""
+    keep_checkpoints: int = 3
+    """How many resumable checkpoints to keep: the newest; older ones are deleted once a newer one is written."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "avg_window", "sample_tokens"):
+        for name in ("max_steps", "avg_window", "sample_tokens", "keep_checkpoints"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, f"train config: {name} must be a positive integer, got {value!r}")
-        for name in ("eval_interval", "sample_interval"):
+        for name in ("eval_interval", "sample_interval", "checkpoint_interval"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, f"train config: {name} must be an integer >= 0, got {value!r}")
         for name in ("eval_batches", "patience"):

@@ -2,11 +2,14 @@
 
 A prepared corpus lives in ``<cache_dir>/<sha256[:16]>/`` (the source's content hash) as ``train.bin`` and
 ``val.bin`` (uint16 token ids) plus ``meta.json`` (counts, source, hash). Preparing the same content again reuses
-the cache; a different file gets its own folder, so nothing already prepared is overwritten.
+the cache; a different file gets its own folder, so nothing already prepared is overwritten. A corpus uploaded in
+the studio is checked like any other and kept as ``<cache_dir>/uploads/<safe name>-<sha256[:16]>.<ext>``
+(:func:`store_upload`), a local file like any other from then on.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -28,6 +31,10 @@ from core.tokenizer import Tokenizer
 
 CACHE_FORMAT_VERSION = 1
 DOWNLOAD_LIMIT_BYTES = 512 * 2**20
+UPLOADS_FOLDER = "uploads"
+"""Sub-folder of the cache folder that holds uploaded corpora (see :func:`store_upload`)."""
+UPLOAD_STEM_CHARS = 64
+UPLOAD_SUFFIX_CHARS = 10
 
 
 class CorpusError(UsageError):
@@ -109,6 +116,17 @@ def read_corpus(source: str, cache_dir: str | Path = "data") -> tuple[str, str, 
     if not path.is_file():
         raise CorpusError(f"corpus source is not a file: {source}")
     raw = path.read_bytes()
+    return decode_corpus(raw, source), hashlib.sha256(raw).hexdigest(), path
+
+
+def decode_corpus(raw: bytes, source: str) -> str:
+    """The text of a corpus file's bytes; ``source`` names it in messages.
+
+    Raises :class:`CorpusError` for empty, whitespace-only, binary (NUL bytes) or non-UTF-8 content.
+    """
+    # Windows editors save "Unicode" text as UTF-16 with a byte-order mark: its NUL bytes are not a binary file.
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise CorpusError(f"{source} is UTF-16 (or UTF-32) text; save it as UTF-8")
     if b"\x00" in raw:
         raise CorpusError(f"{source} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
@@ -117,7 +135,48 @@ def read_corpus(source: str, cache_dir: str | Path = "data") -> tuple[str, str, 
         raise CorpusError(f"{source} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8") from exc
     if not text.strip():
         raise CorpusError(f"{source} is empty or only whitespace; give a text file with content")
-    return text, hashlib.sha256(raw).hexdigest(), path
+    return text
+
+
+def upload_file_name(name: str, sha256: str) -> str:
+    """A safe file name for an uploaded corpus called ``name`` (as the browser sent it) with content hash ``sha256``.
+
+    Only the last path component is kept (``/`` and ``\\`` both separate), control characters are dropped, each run
+    of other characters outside ``[A-Za-z0-9._-]`` becomes one ``_``, runs of dots collapse (no ``..``) and leading
+    dots and dashes go (no hidden files, nothing that reads as an option). The stem is never empty (``corpus``) and
+    ends in ``-<sha256[:16]>``, so different contents never share a name, whatever they were called.
+    """
+    base = re.split(r"[/\\]", name)[-1]
+    base = "".join(c for c in base if c.isprintable())  # NUL, newlines, escapes and other control characters
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+    base = re.sub(r"\.{2,}", ".", base).lstrip(".-")
+    stem, dot, suffix = base.rpartition(".")
+    if not dot:  # no extension at all
+        stem, suffix = base, "txt"
+    stem = stem.strip("._-")[:UPLOAD_STEM_CHARS] or "corpus"
+    suffix = suffix.strip("_-")[:UPLOAD_SUFFIX_CHARS] or "txt"
+    return f"{stem}-{sha256[:16]}.{suffix}"
+
+
+def store_upload(name: str, data: bytes, cache_dir: str | Path = "data") -> Path:
+    """Store an uploaded corpus under ``<cache_dir>/uploads/`` and return its path, to use as a corpus source.
+
+    The content is checked as :func:`read_corpus` checks a file (not empty, not binary, UTF-8) before anything is
+    written, and the file name comes from :func:`upload_file_name`, so a name can neither leave the folder nor
+    replace another upload. The same content uploaded again under the same name returns the stored file unchanged.
+    Raises :class:`CorpusError` for unusable content (nothing is written then).
+    """
+    shown = repr(name) if name else "the uploaded file"
+    if len(data) > DOWNLOAD_LIMIT_BYTES:
+        raise CorpusError(f"{shown} is larger than {DOWNLOAD_LIMIT_BYTES // 2**20} MiB; give a smaller text file")
+    decode_corpus(data, shown)
+    directory = (Path(cache_dir) / UPLOADS_FOLDER).resolve()
+    target = directory / upload_file_name(name, hashlib.sha256(data).hexdigest())
+    if target.parent != directory:  # cannot happen with a sanitised name; never write outside the folder anyway
+        raise CorpusError(f"refusing to store {shown} outside {directory}")
+    if not target.is_file():
+        _atomic_write_bytes(target, data)
+    return target
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

@@ -2,23 +2,45 @@
 
 :func:`run_training` checks every input before it creates anything in the store, so a refused request leaves the
 store unchanged. The run ends FINISHED (and registers its model), KILLED when stopped by SIGTERM/SIGINT (after
-saving a checkpoint), or FAILED on an error.
+saving a checkpoint), or FAILED on an error. Its checkpoints go to ``<checkpoint root>/<run id>/`` (recorded in the
+run's ``checkpoint_dir`` tag): ``final``, ``best``, and the resumable ones under ``resume``.
+
+A KILLED or FAILED run continues with :func:`find_resume_point`, then :func:`resume_training`: the same MLflow run,
+set back to RUNNING, trains on from its latest resumable checkpoint with the configs stored in that checkpoint
+(checked against the run's logged params). Metric points continue at the next step; a step the stopped process had
+already logged (it may have got past its last checkpoint before dying) is not logged again, so every step keeps
+exactly one point. Every refusal (unknown run, a FINISHED or RUNNING run, no checkpoint, a corrupt or foreign one)
+happens before anything in the store changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import signal
+import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.entities import RunTag
+
+from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_training_state
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
-from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment
-from core.tracking import MlflowLogger, log_params, run_tags
+from core.errors import UsageError
+from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, sqlite_path
+from core.store import tracking_uri as current_tracking_uri
+from core.tracking import MlflowLogger, log_params, parse_samples, process_tags, run_tags
 from core.trainer import Callback, Trainer, TrainResult
+
+CHECKPOINT_DIR_TAG = "checkpoint_dir"
+"""Run tag holding the run's checkpoint folder, so a resume finds it without being told the checkpoint root."""
+RESUMABLE_STATUSES = ("KILLED", "FAILED")
+"""Run states :func:`find_resume_point` accepts: stopped before the end."""
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass
@@ -69,6 +91,11 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def default_checkpoint_root() -> Path:
+    """Where checkpoints go when no root is given: ``mlruns/checkpoints`` beside the default store."""
+    return DEFAULT_STORE_DIR / "checkpoints"
+
+
 def run_training(
     model_config: ModelConfig,
     data_config: DataConfig,
@@ -82,8 +109,6 @@ def run_training(
 
     ``on_run_created(run_id)`` is called as soon as the run exists (e.g. to record a background job's run id).
     """
-    from core.registry import log_and_register
-
     trainer = Trainer(model_config, data_config, train_config)  # validates device, corpus and shapes first
     client = connect(tracking.tracking_uri)
     experiment_id = ensure_experiment(client, tracking.experiment)
@@ -98,12 +123,37 @@ def run_training(
     if on_run_created is not None:
         on_run_created(run_id)
     logger = MlflowLogger(client, run_id)
-    trainer.callbacks = [logger, *callbacks]
-    checkpoint_root = Path(tracking.checkpoint_root) if tracking.checkpoint_root else DEFAULT_STORE_DIR / "checkpoints"
-    try:
+    checkpoint_root = Path(tracking.checkpoint_root) if tracking.checkpoint_root else default_checkpoint_root()
+    out_dir = checkpoint_root / run_id
+
+    def start() -> None:
+        client.set_tag(run_id, CHECKPOINT_DIR_TAG, str(out_dir.resolve()))
         log_params(client, run_id, run_params(model_config, data_config, train_config, tracking))
+
+    return _train_and_end(client, run_id, trainer, tracking, [logger, *callbacks], out_dir, start)
+
+
+def _train_and_end(
+    client,
+    run_id: str,
+    trainer: Trainer,
+    tracking: TrackingConfig,
+    callbacks: list[Callback],
+    out_dir: Path,
+    start: Callable[[], None] | None = None,
+) -> TrainingOutcome:
+    """Run ``start()`` (if given), fit ``trainer`` into ``out_dir`` with ``callbacks`` (the first is the run's
+    :class:`MlflowLogger`), then end run ``run_id``: FINISHED with a registered version, KILLED when stopped,
+    FAILED (and re-raise) on an error, ``start`` failing included."""
+    from core.registry import log_and_register
+
+    logger = callbacks[0]
+    trainer.callbacks = list(callbacks)
+    try:
+        if start is not None:
+            start()
         with _stop_on_signals(trainer):
-            result = trainer.fit(checkpoint_root / run_id)
+            result = trainer.fit(out_dir)
         logger.close()
         if result.stop_reason.startswith("stopped"):
             client.set_tag(run_id, "stop_reason", result.stop_reason)
@@ -123,3 +173,162 @@ def run_training(
             client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+@dataclass
+class ResumePoint:
+    """A stopped run and the checkpoint it continues from, checked by :func:`find_resume_point`."""
+
+    run_id: str
+    """The MLflow run to continue."""
+    checkpoint: Path
+    """The resumable checkpoint folder (``.../resume/step-*``)."""
+    step: int
+    """The checkpoint's step: training continues at ``step + 1``."""
+    model_config: ModelConfig
+    """The run's model shape, from the checkpoint."""
+    data_config: DataConfig
+    """The run's data and batches, from the checkpoint."""
+    train_config: TrainConfig
+    """The run's optimisation and stop rules, from the checkpoint."""
+    tracking: TrackingConfig
+    """The run's experiment, name and registration settings (from its params), with the store and checkpoint root."""
+    logged_through: dict[str, int]
+    """For each metric the run has, the last step logged: the resumed run logs only later points."""
+
+
+def find_resume_point(
+    run_id: str, *, tracking_uri: str | None = None, checkpoint_root: str | Path | None = None
+) -> ResumePoint:
+    """Check that run ``run_id`` can be resumed and find its latest resumable checkpoint. Changes nothing.
+
+    The checkpoint is looked for under ``checkpoint_root/<run_id>/resume``; without a root, in the folder of the
+    run's ``checkpoint_dir`` tag, else under ``mlruns/checkpoints``. Raises :class:`UsageError` for a malformed or
+    unknown run id (or a tracking store that does not exist), and for a run that is not KILLED or FAILED;
+    :class:`CheckpointError` for a run with no resumable checkpoint, or one that is corrupt or does not match the
+    run's logged params.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
+        raise UsageError(f"invalid run id {run_id!r}: expected the id MLflow printed, e.g. 0123456789abcdef…")
+    uri = tracking_uri or current_tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # connecting would create an empty store: say so instead
+        raise UsageError(f"no MLflow run {run_id}: the tracking store {uri} does not exist")
+    client = connect(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise UsageError(f"no MLflow run {run_id} in {uri}") from None
+    status = run.info.status
+    if run.info.lifecycle_stage == "deleted":
+        raise UsageError(f"run {run_id} is deleted; restore it before resuming")
+    if status == "FINISHED":
+        raise UsageError(f"run {run_id} is FINISHED: there is nothing to resume")
+    if status not in RESUMABLE_STATUSES:
+        raise UsageError(
+            f"run {run_id} is {status}: another process may still be training it (if that process died, "
+            "`python -m pipelines.jobs reap` ends the run KILLED; then resume it)"
+        )
+    if checkpoint_root is not None:
+        out_dir = Path(checkpoint_root) / run_id
+    elif CHECKPOINT_DIR_TAG in run.data.tags:
+        out_dir = Path(run.data.tags[CHECKPOINT_DIR_TAG])
+    else:
+        out_dir = default_checkpoint_root() / run_id
+    try:
+        checkpoint = latest_resumable_checkpoint(out_dir)
+    except CheckpointError as exc:
+        if (out_dir / "resume").exists():
+            raise
+        raise CheckpointError(
+            f"run {run_id} has no resumable checkpoint in {out_dir / 'resume'} (trained with --checkpoint-interval 0, "
+            "or with another --checkpoint-root?)"
+        ) from exc
+    state = read_training_state(checkpoint)
+    try:
+        configs = state["config"]
+        model_config = ModelConfig.from_dict(configs["model"])
+        data_config = DataConfig(**configs["data"])
+        train_config = TrainConfig(**configs["train"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint} holds invalid configs: {exc}") from exc
+    params = run.data.params
+    missing = [k for k in ("preset", "register_as", "alias", "register_best") if k not in params]
+    if missing:
+        raise UsageError(f"run {run_id} was not started by pipelines.train: it has no {', '.join(missing)} param")
+    tracking = TrackingConfig(
+        experiment=client.get_experiment(run.info.experiment_id).name,
+        run_name=run.info.run_name,
+        register_as=params["register_as"],
+        alias=None if params["alias"] == "None" else params["alias"],
+        register_best=params["register_best"] == "True",
+        preset=params["preset"],
+        tracking_uri=uri,
+        checkpoint_root=str(out_dir.parent),
+    )
+    for key, value in run_params(model_config, data_config, train_config, tracking).items():
+        if params.get(key) != str(value):
+            raise CheckpointError(
+                f"{checkpoint} does not belong to run {run_id}: its {key} is {value}, the run's is {params.get(key)}"
+            )
+    logged_through = {}
+    for key in run.data.metrics:
+        history = client.get_metric_history(run_id, key)
+        logged_through[key] = max((m.step for m in history), default=0)
+    return ResumePoint(
+        run_id, checkpoint, state["step"], model_config, data_config, train_config, tracking, logged_through
+    )
+
+
+def resume_training(point: ResumePoint, callbacks: Iterable[Callback] = (), *, on_run_created=None) -> TrainingOutcome:
+    """Continue the run of ``point`` from its checkpoint until a stop rule fires, ending it as
+    :func:`run_training` does (FINISHED and registered, KILLED, or FAILED).
+
+    The whole checkpoint is loaded and checked (:meth:`Trainer.load_training_state`) before the run is touched: a
+    corrupt one raises :class:`CheckpointError` with the run still as it was. Then the run gets this process's
+    tags and ``resumed_from_step``, loses its ``error`` and ``stop_reason`` tags, is set back to RUNNING, and
+    ``on_run_created(run_id)`` is called. The samples artifact keeps the samples up to the checkpoint's step.
+    """
+    trainer = Trainer(point.model_config, point.data_config, point.train_config)
+    trainer.load_training_state(point.checkpoint)
+    client = connect(point.tracking.tracking_uri)
+    run_id = point.run_id
+    run = client.get_run(run_id)
+    if run.info.status not in RESUMABLE_STATUSES:  # changed since find_resume_point looked
+        raise UsageError(f"run {run_id} is {run.info.status} now; it can no longer be resumed")
+    samples = [(step, text) for step, text in _logged_samples(client, run_id) if step <= point.step]
+    # This process trains the run now: its process tags first, so that nothing looking for RUNNING runs whose
+    # process died (core.jobs) ever sees the run RUNNING with the stopped process's pid.
+    tags = {**process_tags(), "resumed_from_step": str(point.step)}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    for key in ("error", "stop_reason"):  # they described how the previous process ended
+        if key in run.data.tags:
+            client.delete_tag(run_id, key)
+    client.update_run(run_id, status="RUNNING")
+    if on_run_created is not None:
+        on_run_created(run_id)
+    logger = MlflowLogger(client, run_id, samples=samples, logged_through=point.logged_through)
+    return _train_and_end(client, run_id, trainer, point.tracking, [logger, *callbacks], point.checkpoint.parents[1])
+
+
+def _logged_samples(client, run_id: str) -> list[tuple[int, str]]:
+    """The samples in the run's ``samples.txt`` artifact (none when it has none)."""
+    if "samples.txt" not in {a.path for a in client.list_artifacts(run_id)}:
+        return []
+    # MLflow draws a progress bar on the terminal for every download, even of one small file.
+    switch = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(switch)
+    os.environ[switch] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = client.download_artifacts(run_id, "samples.txt", scratch)
+            return parse_samples(Path(path).read_text(encoding="utf-8"))
+    finally:
+        if previous is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = previous

@@ -38,13 +38,24 @@ The process that started a job reaps it when it exits (every state check polls i
 zombies, and its exit status (e.g. "killed by SIGKILL") goes into the reason of a job that died. Another process
 (the app after a restart) sees the same states, without the exit status.
 
-Reconciliation: a process that dies without finishing leaves its MLflow run RUNNING. :func:`list_jobs` and
-:func:`get_job` call :func:`reconcile_job` for every ended job not yet reconciled: a RUNNING run is ended FAILED
-with the tag ``error`` = "training process <pid> exited without finishing (killed or crashed)" (KILLED, when the
-job was cancelled). Each job costs at most one MLflow lookup over its lifetime (``reconciled.json`` remembers it).
-If the store cannot be reached (a tracking server gets a health check of a few seconds first, and each listing
-tries each store once), listing still works and the job's ``reason`` carries the error; the next listing tries
-again. :func:`reconcile_job` does the same for one job but raises the error.
+Reconciliation: a process that dies without finishing (SIGKILL, the out-of-memory killer, a hard crash) leaves its
+MLflow run RUNNING. :func:`list_jobs` and :func:`get_job` call :func:`reconcile_job` for every ended job not yet
+reconciled: a RUNNING run is ended KILLED, with the tag ``error`` = "training process <pid> exited without finishing
+(killed or crashed)" for a job that died, or ``stop_reason`` = "cancelled: ..." for one that was cancelled; the
+job's ``reason`` then says so. (KILLED, not FAILED: nothing in the training failed, its process was stopped from
+outside; a training error is recorded by the process itself and ends the run FAILED.) Each job costs at most one
+MLflow lookup over its lifetime (``reconciled.json`` remembers it). If the store cannot be reached (a tracking
+server gets a health check of a few seconds first, and each listing tries each store once), listing still works
+and the job's ``reason`` carries the error; the next listing tries again. :func:`reconcile_job` does the same for
+one job but raises the error. A RUNNING run whose :data:`core.tracking.PID_TAG` names another process than the
+job's (the run was resumed by another process since) is left alone: that process is the run's now.
+
+Runs started outside a job (``python -m pipelines.train`` in a terminal) have no job folder, but every training
+run is created with the tags :data:`core.tracking.HOST_TAG`, :data:`~core.tracking.PID_TAG` and
+:data:`~core.tracking.PROCESS_START_TAG` (:func:`core.tracking.run_tags`). :func:`reap_orphan_runs` ends KILLED
+(tag ``error`` as above) every RUNNING run of a store whose host tag names this machine and whose process (same
+pid *and* start time) is gone; a run of another host, or without those tags, is never touched. :func:`reap` does
+both: every job, then every such run (``python -m pipelines.jobs reap``).
 
 Signals and process groups are POSIX: jobs work on Linux and macOS; on Windows :func:`start_job` and
 :func:`cancel_job` raise :class:`JobError`. The module knows nothing of Streamlit.
@@ -60,6 +71,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,7 +117,7 @@ ACTIVE_STATES = frozenset({"starting", "running", "cancelling"})
 """States whose process is alive: such a job can be cancelled and cannot be deleted."""
 
 DIED_ERROR = "training process {pid} exited without finishing (killed or crashed)"
-"""The ``error`` tag a died job's MLflow run is ended with."""
+"""The ``error`` tag of a run ended KILLED because its training process died (a job's, or an orphaned run's)."""
 
 _JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 _CREATE_TIME_TOLERANCE = 1.0  # seconds; psutil's start times of one process agree far closer than this
@@ -643,6 +655,7 @@ def _reconcile(info: JobInfo) -> JobInfo:
     from mlflow.exceptions import MlflowException
 
     from core.store import check_server
+    from core.tracking import PID_TAG
 
     uri = info.tracking_uri
     db = sqlite_path(uri) if uri else None
@@ -654,25 +667,37 @@ def _reconcile(info: JobInfo) -> JobInfo:
         check_server(uri)  # fails in seconds; MLflow's client would retry an unreachable server for minutes
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not core.store.connect: no global URI change
     try:
-        status = client.get_run(info.run_id).info.status
+        run = client.get_run(info.run_id)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         note = f"MLflow run {info.run_id} no longer exists in {uri}"
         _write_json(info.job_dir / RECONCILED_FILE, {"run_status": None, "note": note})
         return _read_job(info.job_dir)
+    status = run.info.status
     record: dict[str, Any] = {"run_status": status, "at": time.time(), "exit_code": _exit_codes.get(info.pid)}
-    if status == "RUNNING":
+    trainer_pid = run.data.tags.get(PID_TAG)
+    if status == "RUNNING" and trainer_pid not in (None, str(info.pid)):
+        # Another process has taken the run over since (it was resumed): its liveness is not this job's to judge;
+        # reap_orphan_runs ends the run if that process dies too.
+        record["note"] = f"its MLflow run {info.run_id} is now trained by process {trainer_pid}"
+    elif status == "RUNNING":
         if info.state == "killed":
-            client.set_tag(info.run_id, "stop_reason", f"cancelled: training process {info.pid} was killed")
-            new_status = "KILLED"
+            tag, why, new_status = "stop_reason", f"cancelled: training process {info.pid} was killed", "KILLED"
+        elif info.state == "failed":
+            # The process recorded its training error but could not end the run (e.g. the store failed too).
+            tag, why, new_status = "error", (info.result or {}).get("error") or "training failed", "FAILED"
         else:
-            # A failed job recorded its error; a died one could not, so say what is known.
-            error = (info.result or {}).get("error") or DIED_ERROR.format(pid=info.pid)
-            client.set_tag(info.run_id, "error", error)
-            new_status = "FAILED"
+            # Died: killed from outside or crashed hard, with no chance to say why; KILLED like any stopped run.
+            tag, why, new_status = "error", DIED_ERROR.format(pid=info.pid), "KILLED"
+        client.set_tag(info.run_id, tag, why)
         client.set_terminated(info.run_id, new_status)
-        record.update(run_status=new_status, previous_status=status)
+        record.update(
+            run_status=new_status,
+            previous_status=status,
+            run_reason=why,
+            note=f"its MLflow run {info.run_id} was still RUNNING and has been ended {new_status}",
+        )
     _write_json(info.job_dir / RECONCILED_FILE, record)
     return _read_job(info.job_dir)
 
@@ -680,8 +705,9 @@ def _reconcile(info: JobInfo) -> JobInfo:
 def reconcile_job(job_id: str, jobs_root: str | Path | None = None) -> JobInfo:
     """End the MLflow run of job ``job_id`` if its process is gone but the run is still RUNNING.
 
-    A died job's run becomes FAILED with the tag ``error`` = :data:`DIED_ERROR`; a cancelled job's run becomes
-    KILLED. A no-op for a running job or one already reconciled. Unlike :func:`list_jobs`, MLflow errors raise.
+    A died job's run becomes KILLED with the tag ``error`` = :data:`DIED_ERROR`; a cancelled job's run becomes
+    KILLED with a ``stop_reason``; a failed job's run becomes FAILED with its error. A no-op for a running job or
+    one already reconciled. Unlike :func:`list_jobs`, MLflow errors raise.
     """
     info = _read_job(_job_dir(job_id, jobs_root))
     return _reconcile(info) if _needs_reconcile(info) else info
@@ -801,3 +827,139 @@ def delete_job(job_id: str, jobs_root: str | Path | None = None) -> None:
     if info.is_active:
         raise JobError(f"job {job_id} is {info.state}; cancel it before deleting it")
     shutil.rmtree(job_dir)
+
+
+# -- reaping: every run left RUNNING by a process that is gone ----------------------------------------------------
+
+
+@dataclass
+class Reaped:
+    """A RUNNING MLflow run whose training process was gone, ended by :func:`reap` or :func:`reap_orphan_runs`."""
+
+    run_id: str
+    status: str
+    """The status the run was ended with: KILLED (FAILED for the run of a job whose training failed)."""
+    pid: int | None
+    """The training process that was gone."""
+    reason: str
+    """The tag set on the run to say why (``error`` or ``stop_reason``)."""
+    job_id: str | None = None
+    """The job the run belongs to; None for a run started outside a job."""
+
+
+@dataclass
+class ReapReport:
+    """What :func:`reap` did."""
+
+    reaped: list[Reaped]
+    """Every run it ended, jobs' runs first."""
+    problems: list[str]
+    """One line per store or job it could not check (e.g. an unreachable tracking server); empty if none."""
+
+
+def _all_pages(search, **kwargs) -> list:
+    """Every result of a paginated MLflow search call."""
+    results, token = [], None
+    while True:
+        page = search(page_token=token, **kwargs)
+        results.extend(page)
+        token = page.token
+        if not token:
+            return results
+
+
+def _number(text: str | None, kind: type) -> Any:
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def reap_orphan_runs(tracking_uri: str | None = None) -> list[Reaped]:
+    """End KILLED every RUNNING run of store ``tracking_uri`` (default: the current one) whose process died here.
+
+    A run qualifies when its :data:`core.tracking.HOST_TAG` is this machine's host name and no live process has
+    its :data:`~core.tracking.PID_TAG` *and* :data:`~core.tracking.PROCESS_START_TAG` (a pid reused by another
+    process does not count as alive); it gets the tag ``error`` = :data:`DIED_ERROR`. A run of another host, or
+    without those tags (made by other tools, or before the tags existed), is never touched. Returns the runs it
+    ended; MLflow errors and an unreachable server (:class:`core.store.StoreError`) raise.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from core.store import check_server
+    from core.store import tracking_uri as current_tracking_uri
+    from core.tracking import HOST_TAG, PID_TAG, PROCESS_START_TAG
+
+    uri = _absolute_tracking_uri(tracking_uri or current_tracking_uri())
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []  # no store, no runs (opening the URI would create an empty database)
+    if db is None and uri.startswith(("http://", "https://")):
+        check_server(uri)  # fails in seconds; MLflow's client would retry an unreachable server for minutes
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not core.store.connect: no global URI change
+    experiment_ids = [e.experiment_id for e in _all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)]
+    if not experiment_ids:
+        return []
+    running = _all_pages(
+        client.search_runs, experiment_ids=experiment_ids, filter_string="attributes.status = 'RUNNING'"
+    )
+    host = socket.gethostname()
+    process_keys = (HOST_TAG, PID_TAG, PROCESS_START_TAG)
+    reaped = []
+    for run in running:
+        tags = run.data.tags
+        pid, started = _number(tags.get(PID_TAG), int), _number(tags.get(PROCESS_START_TAG), float)
+        if tags.get(HOST_TAG) != host or pid is None or started is None or _process_alive(pid, started):
+            continue
+        run_id = run.info.run_id
+        # Its process is gone, but the run may have ended, or been resumed by another process, in between: a
+        # finished run must never be turned KILLED, nor a live one.
+        current = client.get_run(run_id)
+        if current.info.status != "RUNNING" or any(current.data.tags.get(k) != tags.get(k) for k in process_keys):
+            continue  # it ended, or another process resumed it, between the search and the process check
+        error = DIED_ERROR.format(pid=pid)
+        client.set_tag(run_id, "error", error)
+        client.set_terminated(run_id, "KILLED")
+        reaped.append(Reaped(run_id, "KILLED", pid, error, job_id=tags.get("studio.job_id")))
+    return reaped
+
+
+def reap(jobs_root: str | Path | None = None, tracking_uri: str | None = None) -> ReapReport:
+    """Reconcile every ended job under ``jobs_root``, then :func:`reap_orphan_runs` of ``tracking_uri``.
+
+    ``tracking_uri`` defaults to the current store and ``jobs_root`` to that store's (:func:`default_jobs_root`).
+    Never raises for a store it cannot reach: each job or store that could not be checked is one line of
+    :attr:`ReapReport.problems`, and the rest is still done.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from core.store import tracking_uri as current_tracking_uri
+
+    uri = tracking_uri or current_tracking_uri()
+    root = Path(jobs_root) if jobs_root is not None else default_jobs_root(uri)
+    report = ReapReport([], [])
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    failed_stores: dict[str, str] = {}
+    for folder in folders:
+        info = _read_job(folder)
+        if not _needs_reconcile(info):
+            continue
+        error = failed_stores.get(info.tracking_uri or "")
+        if error is None:
+            try:
+                _reconcile(info)
+            except Exception as exc:  # one unreachable store must not stop the rest, as in list_jobs
+                error = failed_stores[info.tracking_uri or ""] = _one_line(exc)
+        if error is not None:
+            report.problems.append(f"job {info.job_id}: could not check MLflow run {info.run_id}: {error}")
+            continue
+        record, _ = _read_json(folder / RECONCILED_FILE)
+        if record and record.get("previous_status") == "RUNNING":
+            reason = record.get("run_reason") or ""
+            report.reaped.append(Reaped(info.run_id, record["run_status"], info.pid, reason, job_id=info.job_id))
+    try:
+        report.reaped += reap_orphan_runs(uri)
+    except (StudioError, MlflowException, OSError) as exc:
+        report.problems.append(f"could not check the RUNNING runs of {uri}: {_one_line(exc)}")
+    return report

@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -471,12 +471,18 @@ def check_studio_mlmodel(document: Any, where: str) -> str:
 
 
 class _ModelCache:
-    """A small thread-safe LRU of loaded models (Streamlit serves sessions from several threads)."""
+    """A small thread-safe LRU of loaded models (Streamlit serves sessions from several threads).
+
+    :meth:`get_or_load` loads each key once however many threads ask for it at the same time: the first caller
+    loads while the others wait on that key's lock, then they all get the same object. Loads of different keys
+    run in parallel.
+    """
 
     def __init__(self, size: int):
         self.size = size
         self._items: OrderedDict[tuple, tuple[GPT, dict[str, Any]]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _items and _loading; never held during a load
+        self._loading: dict[tuple, tuple[threading.Lock, int]] = {}  # key -> (its load lock, threads using it)
 
     def get(self, key: tuple) -> tuple[GPT, dict[str, Any]] | None:
         with self._lock:
@@ -491,6 +497,34 @@ class _ModelCache:
             self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
+
+    def get_or_load(self, key: tuple, load: Callable[[], tuple[GPT, dict[str, Any]]]) -> tuple[GPT, dict[str, Any]]:
+        """The cached value of ``key``, else ``load()``'s, kept; concurrent callers of one key share one load.
+
+        A load that raises caches nothing and raises in its caller only; a waiting caller then tries itself.
+        """
+        cached = self.get(key)
+        if cached is not None:
+            return cached
+        with self._lock:
+            key_lock, users = self._loading.get(key, (threading.Lock(), 0))
+            self._loading[key] = (key_lock, users + 1)
+        try:
+            with key_lock:
+                cached = self.get(key)  # loaded by the thread this one waited for
+                if cached is not None:
+                    return cached
+                value = load()
+                self.put(key, value)
+                return value
+        finally:
+            with self._lock:
+                key_lock, users = self._loading[key]
+                # The last user removes the lock, so a key never loaded again leaves nothing behind.
+                if users == 1:
+                    del self._loading[key]
+                else:
+                    self._loading[key] = (key_lock, users - 1)
 
     def clear(self) -> None:
         with self._lock:
@@ -524,9 +558,12 @@ def load_registered_model(
     if version.status != READY:
         raise RegistryError(f"{where} is {version.status}, not READY; wait for it or register the model again")
     key = (client.tracking_uri, version.name, int(version.version), version.source, str(torch.device(device)))
-    cached = _cache.get(key)
-    if cached is not None:
-        return cached[0], version, cached[1]
+    model, checkpoint_document = _cache.get_or_load(key, lambda: _load_version(client, version, where, device))
+    return model, version, checkpoint_document
+
+
+def _load_version(client, version: ModelVersion, where: str, device) -> tuple[GPT, dict[str, Any]]:
+    """The model and checkpoint document of a READY ``version``, its files read and checked (uncached)."""
     try:
         base_uri = client.get_model_version_download_uri(version.name, version.version)
     except MlflowException as exc:
@@ -544,5 +581,4 @@ def load_registered_model(
         except (OSError, MlflowException) as exc:
             raise RegistryError(f"cannot fetch the checkpoint of {where} from {base_uri}: {exc}") from exc
         model, checkpoint_document = load_checkpoint(files[0].parent, device=device)
-    _cache.put(key, (model, checkpoint_document))
-    return model, version, checkpoint_document
+    return model, checkpoint_document

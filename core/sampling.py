@@ -9,6 +9,7 @@ quarters of the window, so a long generation costs one full forward per ``block_
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,12 @@ import torch
 
 from core.config import SampleConfig
 from core.errors import UsageError
+from core.memory import GENERATION_OOM_HINT, friendly_oom
 from core.model import GPT, KVCache
 from core.tokenizer import Tokenizer
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -51,10 +56,19 @@ class Generation:
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[list[int], bool]:
     """Token ids of ``prompt`` cropped to its last ``block_size`` tokens, and whether cropping happened.
 
-    Raises :class:`UsageError` for an empty or whitespace-only prompt.
+    Raises :class:`UsageError` for an empty or whitespace-only prompt, and for one holding a lone surrogate.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError("the prompt is empty; give some text to continue, e.g. 'ROMEO:'")
+    # A lone surrogate is not text: it is how Python carries bytes that were not UTF-8 (a command-line argument
+    # from a terminal in another encoding) or a broken JSON escape. The tokenizer would silently turn it into U+FFFD
+    # and printing the sample would then fail; say what is wrong instead.
+    bad = _SURROGATE.search(prompt)
+    if bad is not None:
+        raise UsageError(
+            f"the prompt is not valid text: character {bad.start()} is a lone surrogate ({bad.group()!r}), e.g. a "
+            "byte that is not UTF-8; give the prompt as UTF-8 text"
+        )
     ids = tokenizer.encode(prompt)
     if len(ids) > block_size:
         return ids[-block_size:], True
@@ -65,18 +79,28 @@ def _candidates(logits: torch.Tensor, config: SampleConfig) -> tuple[torch.Tenso
     """Temperature, top-k and top-p applied to logits (K, V): the candidates' scaled logits (K, n), filtered-out
     ones set to -inf, and their token ids (K, n), or None when the candidates are the whole vocabulary in order.
 
-    With top-k, only the k best tokens are ever touched again (the softmax and the draw run over k, not V).
+    With top-k, only the k best tokens are ever touched again (the scaling, the softmax and the draw run over k,
+    not V).
     """
-    logits = logits / config.temperature
     ids = None
     if config.top_k is not None and config.top_k < logits.size(-1):
-        logits, ids = torch.topk(logits, config.top_k, dim=-1)  # (K, k) each, best first
+        logits, ids = torch.topk(logits, config.top_k, dim=-1)  # (K, k) each, best first; scaling keeps the order
+        best = logits[:, :1]
+    else:
+        best = logits.amax(dim=-1, keepdim=True)
+    # The best logit is subtracted before dividing (the softmax does not change): with a tiny temperature the others
+    # then go to -inf, instead of the best one overflowing to inf and the softmax turning into NaN. A temperature
+    # below float32's smallest normal number would round to 0 in the division (0 / 0 is NaN); at that scale the
+    # distribution is already all on the best token, so the smallest normal number stands in for it.
+    logits = (logits - best) / max(config.temperature, _FLOAT32_TINY)
     if config.top_p < 1.0:
         if ids is None:
             logits, ids = torch.sort(logits, dim=-1, descending=True)  # (K, V) each
         probs = torch.softmax(logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
+        # Drop a token when the tokens ranked above it already reach top_p. The most likely one always stays, also
+        # when top_p is below float32's range and compares as 0 (dropping every token would leave NaNs to draw from).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= config.top_p
+        drop[:, 0] = False
         logits = logits.masked_fill(drop, float("-inf"))
     return logits, ids
 
@@ -108,35 +132,37 @@ def stream_tokens(
     if not 0 < len(prompt_ids) <= block_size:
         raise ValueError(f"prompt must have 1..{block_size} tokens, got {len(prompt_ids)}")
     was_training = model.training
-    model.eval()
     device, dtype = _model_device_dtype(model)
     K = config.num_samples
-    generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, K, device=device, dtype=dtype)
-    # Only the last block_size tokens can ever be attended to again.
-    window = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(K, -1).contiguous()
-    active = torch.ones(K, dtype=torch.bool, device=device)
-    try:
-        logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
-        length = window.size(1)  # positions filled in the cache
-        for step in range(config.max_new_tokens):
-            tokens = _next_tokens(logits[:, -1, :].float(), config, generator)  # (K,)
-            yield tokens, active.clone()
-            if config.stop_at_eot and eot_token is not None:
-                active &= tokens != eot_token
-            if not bool(active.any()) or step == config.max_new_tokens - 1:
-                return
-            window = torch.cat([window, tokens.unsqueeze(1)], dim=1)[:, -block_size:]
-            if length == block_size:
-                keep = max(1, (3 * block_size) // 4)
-                window = window[:, -keep:]
-                logits, _ = model(window, cache=cache, start_pos=0, last_only=True)
-                length = keep
-            else:
-                logits, _ = model(tokens.unsqueeze(1), cache=cache, start_pos=length, last_only=True)
-                length += 1
-    finally:
-        model.train(was_training)
+    # The cache and the activations grow with the number of samples: a failed allocation says to ask for fewer.
+    with friendly_oom(GENERATION_OOM_HINT):
+        model.eval()
+        try:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            cache = KVCache(model.config, K, device=device, dtype=dtype)
+            # Only the last block_size tokens can ever be attended to again.
+            window = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(K, -1).contiguous()
+            active = torch.ones(K, dtype=torch.bool, device=device)
+            logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
+            length = window.size(1)  # positions filled in the cache
+            for step in range(config.max_new_tokens):
+                tokens = _next_tokens(logits[:, -1, :].float(), config, generator)  # (K,)
+                yield tokens, active.clone()
+                if config.stop_at_eot and eot_token is not None:
+                    active &= tokens != eot_token
+                if not bool(active.any()) or step == config.max_new_tokens - 1:
+                    return
+                window = torch.cat([window, tokens.unsqueeze(1)], dim=1)[:, -block_size:]
+                if length == block_size:
+                    keep = max(1, (3 * block_size) // 4)
+                    window = window[:, -keep:]
+                    logits, _ = model(window, cache=cache, start_pos=0, last_only=True)
+                    length = keep
+                else:
+                    logits, _ = model(tokens.unsqueeze(1), cache=cache, start_pos=length, last_only=True)
+                    length += 1
+        finally:
+            model.train(was_training)
 
 
 def _resolve_seed(config: SampleConfig) -> int:

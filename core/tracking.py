@@ -3,17 +3,26 @@
 :class:`MlflowLogger` implements the logger interface ``log(metrics, step)`` and the trainer's callbacks. A step
 costs the trainer one list append; a background thread sends the points with ``log_batch`` (up to 1000 a call)
 every ``flush_interval`` seconds. :meth:`MlflowLogger.close` sends everything left, so no point is lost when a run
-ends, and re-raises any error the background thread met instead of hiding it.
+ends, and re-raises any error the background thread met instead of hiding it. A logger continuing a resumed run
+is given the samples and the last step of each metric the run already has, so nothing is lost or logged twice.
+
+Every training run is created with :func:`run_tags`, which include :func:`process_tags`: the host, pid and start
+time of the process that trains it. They let ``python -m pipelines.jobs reap`` (:func:`core.jobs.reap`) find a run
+left RUNNING by a process that died on this machine, and never mistake a live process that reused the pid for it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 
+import psutil
 import torch
 from mlflow.entities import Metric, Param, RunTag
 
@@ -23,20 +32,39 @@ from core.trainer import Callback, TrainResult
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
 
+HOST_TAG = "studio.host"
+"""Tag: the host name of the machine whose process trains the run."""
+PID_TAG = "studio.pid"
+"""Tag: the pid of the process that trains the run."""
+PROCESS_START_TAG = "studio.process_start"
+"""Tag: that process's start time (Unix seconds, as ``psutil.Process.create_time`` gives it)."""
+
 
 class MlflowLogger(Callback):
     """Logs every step's metrics, evaluations, samples and the run summary to the MLflow run ``run_id``.
 
     With ``asynchronous=False`` each ``log`` call sends its points before returning (used to measure the overhead
-    the asynchronous mode saves).
+    the asynchronous mode saves). ``samples`` are the (step, text) samples already in the run's ``samples.txt``,
+    kept at the top of it; ``logged_through`` maps a metric to the last step the run already has for it, and points
+    at or before that step are dropped (a resumed run re-taking steps its stopped process had logged).
     """
 
-    def __init__(self, client, run_id: str, *, asynchronous: bool = True, flush_interval: float = 1.0):
+    def __init__(
+        self,
+        client,
+        run_id: str,
+        *,
+        asynchronous: bool = True,
+        flush_interval: float = 1.0,
+        samples: list[tuple[int, str]] | None = None,
+        logged_through: dict[str, int] | None = None,
+    ):
         self.client = client
         self.run_id = run_id
         self.asynchronous = asynchronous
         self.flush_interval = flush_interval
-        self.samples: list[tuple[int, str]] = []
+        self.samples: list[tuple[int, str]] = list(samples or [])
+        self.logged_through = dict(logged_through or {})
         self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self._jobs: list[Callable[[], None]] = []  # artifact uploads, run in the background thread too
         self._lock = threading.Lock()
@@ -57,7 +85,9 @@ class MlflowLogger(Callback):
         """Record ``metrics`` at ``step`` (timestamped now)."""
         self._raise_worker_error()
         now = int(time.time() * 1000)
-        points = [(key, float(value), now, step) for key, value in metrics.items()]
+        points = [
+            (key, float(value), now, step) for key, value in metrics.items() if step > self.logged_through.get(key, 0)
+        ]
         if not self.asynchronous:
             self._send(points)
             return
@@ -112,7 +142,7 @@ class MlflowLogger(Callback):
 
     def on_sample(self, step: int, text: str) -> None:
         self.samples.append((step, text))
-        document = "".join(f"=== step {s} ===\n{t}\n\n" for s, t in self.samples)
+        document = format_samples(self.samples)
         self._submit(lambda: self.client.log_text(self.run_id, document, "samples.txt"))
 
     def on_train_end(self, result: TrainResult) -> None:
@@ -152,6 +182,20 @@ class MlflowLogger(Callback):
             raise RuntimeError(f"logging to MLflow failed: {error}") from error
 
 
+_SAMPLE_HEADER = re.compile(r"^=== step (\d+) ===\n", re.MULTILINE)
+
+
+def format_samples(samples: list[tuple[int, str]]) -> str:
+    """The ``samples.txt`` document of (step, text) samples: a ``=== step N ===`` header line before each."""
+    return "".join(f"=== step {s} ===\n{t}\n\n" for s, t in samples)
+
+
+def parse_samples(document: str) -> list[tuple[int, str]]:
+    """The (step, text) samples of a :func:`format_samples` document (a sample's text never holds a header line)."""
+    parts = _SAMPLE_HEADER.split(document)
+    return [(int(step), text.removesuffix("\n\n")) for step, text in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def log_params(client, run_id: str, params: dict[str, object]) -> None:
     """Log ``params`` in batches of MLflow's maximum size."""
     items = [Param(key, str(value)) for key, value in params.items()]  # None stays visible as 'None'
@@ -178,8 +222,18 @@ def git_commit() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
+def process_tags() -> dict[str, str]:
+    """:data:`HOST_TAG`, :data:`PID_TAG` and :data:`PROCESS_START_TAG` of this process."""
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PROCESS_START_TAG: repr(psutil.Process().create_time()),
+    }
+
+
 def run_tags(preset: str, dataset_name: str, dataset_sha256: str, device: str) -> list[RunTag]:
-    """The tags every training run carries."""
+    """The tags every training run carries, :func:`process_tags` included (the run is created by the process that
+    trains it)."""
     tags = {
         "preset": preset,
         "dataset_name": dataset_name,
@@ -187,5 +241,6 @@ def run_tags(preset: str, dataset_name: str, dataset_sha256: str, device: str) -
         "device": device,
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
+        **process_tags(),
     }
     return [RunTag(k, v) for k, v in tags.items()]

@@ -9,26 +9,42 @@ known; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character
 
 On CUDA, training runs under bf16 autocast with TF32 matmuls and fused AdamW; ``TrainConfig.compile`` runs the
 training steps through ``torch.compile`` while evaluation, samples and checkpoints use the plain module.
+
+Every ``checkpoint_interval`` steps, and when the loop ends for any reason, the trainer writes a resumable
+checkpoint (:meth:`Trainer.save_training_state`): weights, AdamW state, schedule, batch position, RNG states and
+its running state, in safetensors + JSON. A new trainer with the same configs that loads it
+(:meth:`Trainer.load_training_state`) and then fits takes exactly the steps the first one would have taken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from core.checkpoint import save_checkpoint
+from core.checkpoint import (
+    TIED_KEY,
+    TRAINING_STATE_FILE,
+    CheckpointError,
+    load_resumable_checkpoint,
+    save_checkpoint,
+    save_resumable_checkpoint,
+)
 from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
 from core.device import cpp_compiler, peak_flops, resolve_device
 from core.errors import UsageError
 from core.hf import load_hf_state_dict
+from core.memory import TRAINING_OOM_HINT, friendly_oom
 from core.model import GPT, parameter_breakdown
 from core.sampling import generate
 from core.tokenizer import Tokenizer, get_tokenizer
@@ -154,6 +170,7 @@ class Trainer:
     validation patience, or :meth:`request_stop` (e.g. from a signal handler). It always ends with a final
     evaluation (if enabled), a final sample and a final checkpoint. With ``train_config.init_from`` the model
     starts from that Hugging Face GPT-2 folder's weights (:func:`core.hf.load_hf_state_dict`) instead of random ones.
+    :meth:`load_training_state` before ``fit`` continues a stopped training from its resumable checkpoint.
     """
 
     def __init__(
@@ -211,13 +228,16 @@ class Trainer:
         )
         self._val_tokens = self.corpus.tokens("val")
         self._stop_reason: str | None = None
+        self._loop = _LoopState(window=deque(maxlen=train_config.avg_window))
+        self._saved_step: int | None = None  # step of the latest resumable checkpoint
 
     def request_stop(self, why: str) -> None:
         """Ask the loop to stop after the current step (safe to call from a signal handler)."""
         self._stop_reason = f"stopped: {why}"
 
     def summary(self) -> dict:
-        """The reference's header: parameter counts and sizes, tokens loaded, batches per epoch, device."""
+        """The reference's header: parameter counts and sizes, tokens loaded, batches per epoch, device, and
+        ``start_step`` (0, or the step a resumed training continues after)."""
         breakdown = parameter_breakdown(self.model)
         return {
             "total_params": breakdown["total_params"],
@@ -235,6 +255,7 @@ class Trainer:
             "peak_tflops": None if self.peak_flops is None else self.peak_flops / 1e12,
             "dataset_name": self.corpus.meta["name"],
             "dataset_sha256": self.corpus.meta["sha256"],
+            "start_step": self._loop.step,
         }
 
     def _emit(self, hook: str, *args) -> None:
@@ -254,7 +275,7 @@ class Trainer:
         for i, (x, y) in enumerate(epoch_batches(self._val_tokens, B, T)):
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
                 break
-            with _autocast(self.device):
+            with friendly_oom(TRAINING_OOM_HINT), _autocast(self.device):
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             total += loss.item() * y.numel()
             count += y.numel()
@@ -270,60 +291,61 @@ class Trainer:
         return generate(self.model, self.tokenizer, self.config.sample_prompt, config).samples[0]
 
     def fit(self, out_dir: str | Path) -> TrainResult:
-        """Train, then write ``out_dir/final`` (and ``out_dir/best`` when evaluating) and report the result."""
+        """Train, then write ``out_dir/final`` (and ``out_dir/best`` when evaluating) and report the result.
+
+        Training continues from the trainer's state: step 0 for a new trainer, the checkpoint's step after
+        :meth:`load_training_state`. With ``checkpoint_interval`` set, a resumable checkpoint goes to
+        ``out_dir/resume`` every that many steps and once more when the loop ends (a stop request included),
+        before the final evaluation, so resuming it continues exactly as if training had never stopped.
+        """
         out_dir = Path(out_dir)
         cfg = self.config
+        run = self._loop
         self._emit("on_train_start", self.summary())
         self.model.train()
-        window: deque[float] = deque(maxlen=cfg.avg_window)
-        best_loss = math.inf
-        best_val, best_val_step, best_state = math.inf, None, None
-        evals_without_improvement = 0
-        last_eval: dict[str, float] = {}
         tokens_per_step = self.data_config.batch_size * self.data_config.block_size
-        loss_value = math.nan
-        step = 0
         stop_reason = "max_steps"
         loop_start = time.perf_counter()
 
-        last_eval_step = 0
-
         def run_eval(at_step: int) -> None:
-            nonlocal best_val, best_val_step, best_state, evals_without_improvement, last_eval, last_eval_step
-            last_eval, last_eval_step = self.evaluate(), at_step
-            self._emit("on_eval", at_step, dict(last_eval))
-            if last_eval["val_loss"] < best_val:
-                best_val, best_val_step, evals_without_improvement = last_eval["val_loss"], at_step, 0
-                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            run.last_eval, run.last_eval_step = self.evaluate(), at_step
+            self._emit("on_eval", at_step, dict(run.last_eval))
+            if run.last_eval["val_loss"] < run.best_val:
+                run.best_val, run.best_val_step, run.evals_without_improvement = run.last_eval["val_loss"], at_step, 0
+                run.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
-                evals_without_improvement += 1
+                run.evals_without_improvement += 1
 
-        while step < cfg.max_steps:
+        while run.step < cfg.max_steps:
             started = time.perf_counter()
-            x, y = self.batches.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            lr = self.optimizer.param_groups[0]["lr"]
-            with _autocast(self.device):
-                # [1]: only the loss; the logits the plain route returns are not kept alive through the step
-                loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # waits for the device, so the timing below is honest
+            # A batch too large for the device is one line naming --batch-size, not an allocator traceback.
+            with friendly_oom(TRAINING_OOM_HINT):
+                x, y = self.batches.next_batch()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                lr = self.optimizer.param_groups[0]["lr"]
+                with _autocast(self.device):
+                    # [1]: only the loss; the logits the plain route returns are not kept alive through the step
+                    loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = loss.item()  # waits for the device, so the timing below is honest
             elapsed = time.perf_counter() - started
-            step += 1
+            run.step += 1
+            step = run.step
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
-            window.append(loss_value)
-            best_loss = min(best_loss, loss_value)
-            avg_loss = sum(window) / len(window)
+            run.loss_value = loss_value
+            run.window.append(loss_value)
+            run.best_loss = min(run.best_loss, loss_value)
+            avg_loss = sum(run.window) / len(run.window)
             metrics = {
                 "loss": loss_value,
                 "avg_loss": avg_loss,
-                "best_loss": best_loss,
+                "best_loss": run.best_loss,
                 "lr": lr,
                 "time_per_batch": elapsed,
                 "tokens_per_sec": tokens_per_step / elapsed,
@@ -333,11 +355,14 @@ class Trainer:
             self._emit("on_step", step, metrics)
             if cfg.eval_interval and step % cfg.eval_interval == 0:
                 run_eval(step)
-                if cfg.patience is not None and evals_without_improvement >= cfg.patience:
+                if cfg.patience is not None and run.evals_without_improvement >= cfg.patience:
                     stop_reason = "patience"
                     break
             if cfg.sample_interval and step % cfg.sample_interval == 0:
                 self._emit("on_sample", step, self.sample(step))
+            # After the step's evaluation and sample, so a run resumed from here repeats neither.
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+                self.save_training_state(out_dir)
             if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
                 stop_reason = "target_loss"
                 break
@@ -345,34 +370,280 @@ class Trainer:
                 stop_reason = self._stop_reason
                 break
 
+        step = run.step
         seconds = time.perf_counter() - loop_start
-        if cfg.eval_interval and step > last_eval_step:
+        # Before the final evaluation: the evaluation at a step that is not a multiple of eval_interval would count
+        # towards patience and the best weights, which an uninterrupted run never sees.
+        if cfg.checkpoint_interval and step != self._saved_step:
+            self.save_training_state(out_dir)
+        if cfg.eval_interval and step > run.last_eval_step:
             run_eval(step)
         last_sample_step = step - step % cfg.sample_interval if cfg.sample_interval else 0
         if step > last_sample_step:
             self._emit("on_sample", step, self.sample(step))
 
-        metadata = {"step": step, "stop_reason": stop_reason, **last_eval}
+        metadata = {"step": step, "stop_reason": stop_reason, **run.last_eval}
         final_checkpoint = save_checkpoint(self.model, out_dir / "final", metadata)
         best_checkpoint = None
-        if best_state is not None:
+        if run.best_state is not None:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(best_state)
+            self.model.load_state_dict(run.best_state)
             best_checkpoint = save_checkpoint(
-                self.model, out_dir / "best", {"step": best_val_step, "val_loss": best_val}
+                self.model, out_dir / "best", {"step": run.best_val_step, "val_loss": run.best_val}
             )
             self.model.load_state_dict(current)
         result = TrainResult(
             steps=step,
             stop_reason=stop_reason,
-            final_loss=loss_value,
-            avg_loss=sum(window) / len(window) if window else math.nan,
-            best_val_loss=None if best_val_step is None else best_val,
-            best_val_step=best_val_step,
+            final_loss=run.loss_value,
+            avg_loss=sum(run.window) / len(run.window) if run.window else math.nan,
+            best_val_loss=None if run.best_val_step is None else run.best_val,
+            best_val_step=run.best_val_step,
             final_checkpoint=final_checkpoint,
             best_checkpoint=best_checkpoint,
             seconds=seconds,
-            last_eval=last_eval,
+            last_eval=run.last_eval,
         )
         self._emit("on_train_end", result)
         return result
+
+    # -- resumable checkpoints ------------------------------------------------------------------------------------
+
+    def _parameter_names(self) -> dict[int, str]:
+        # named_parameters() lists the tied LM head once, as transformer.wte.weight, as the checkpoints store it.
+        return {id(p): name for name, p in self.model.named_parameters()}
+
+    def save_training_state(self, out_dir: str | Path) -> Path:
+        """Write a resumable checkpoint of the current step to ``out_dir/resume`` (see
+        :func:`core.checkpoint.save_resumable_checkpoint`), keeping the newest ``keep_checkpoints``; returns it."""
+        run = self._loop
+        names = self._parameter_names()
+        optimizer_tensors: dict[str, torch.Tensor] = {}
+        optimizer_values: dict[str, dict] = {}
+        for parameter, values in self.optimizer.state.items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    optimizer_tensors[f"{key}/{names[id(parameter)]}"] = value
+                else:
+                    optimizer_values.setdefault(names[id(parameter)], {})[key] = value
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+            for group in self.optimizer.param_groups
+        ]
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.generator.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        np_kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        rng["numpy"] = torch.from_numpy(np_key.astype(np.int64))  # int64 holds any uint32, in every torch version
+        tensors = {"optimizer": optimizer_tensors, "rng": rng}
+        if run.best_state is not None:
+            tensors["best"] = {k: v for k, v in run.best_state.items() if k != TIED_KEY}
+        state = {
+            "config": {
+                "model": self.model_config.to_dict(),
+                "data": dataclasses.asdict(self.data_config),
+                "train": self.config.to_dict(),
+            },
+            "dataset_sha256": self.corpus.meta["sha256"],
+            "optimizer": {"param_groups": groups, "values": optimizer_values},
+            "scheduler": self.scheduler.state_dict(),
+            "batches": {"position": self.batches.position},
+            "rng": {
+                "numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": np_gauss},
+                "python": _python_rng_state(),
+            },
+            "trainer": {
+                "window": list(run.window),
+                "best_loss": _finite_or_none(run.best_loss),
+                "best_val": _finite_or_none(run.best_val),
+                "best_val_step": run.best_val_step,
+                "evals_without_improvement": run.evals_without_improvement,
+                "last_eval": run.last_eval,
+                "last_eval_step": run.last_eval_step,
+                "loss_value": _finite_or_none(run.loss_value),
+            },
+        }
+        directory = save_resumable_checkpoint(
+            self.model, out_dir, run.step, state, tensors, keep=self.config.keep_checkpoints
+        )
+        self._saved_step = run.step
+        return directory
+
+    def load_training_state(self, directory: str | Path) -> int:
+        """Continue from the resumable checkpoint ``directory``: weights, optimizer, schedule, batch position, RNGs
+        and the loop's running state (loss window, best losses, patience count, last evaluation); returns its step.
+
+        The checkpoint must come from a training with the same model, data and training configs and the same
+        corpus content; anything else, or a missing, corrupt or inconsistent file, raises :class:`CheckpointError`
+        and leaves the trainer as it was.
+        """
+        checkpoint = load_resumable_checkpoint(directory)
+        state, tensors = checkpoint.state, checkpoint.tensors
+        try:
+            restore = self._restorer(checkpoint.directory, state, tensors)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            # A well-formed file with a field missing or of the wrong type: the checkpoint, not the caller, is wrong.
+            path = checkpoint.directory / TRAINING_STATE_FILE
+            raise CheckpointError(f"{path} is incomplete or corrupt ({exc!r})") from exc
+        self.model.load_state_dict(checkpoint.model.state_dict())
+        restore()
+        return checkpoint.step
+
+    def _restorer(self, directory: Path, state: dict, tensors: dict[str, dict[str, torch.Tensor]]):
+        """Check everything in a read checkpoint against this trainer and return the function that applies it
+        (which cannot fail half-way on a bad checkpoint)."""
+        configs = state["config"]
+        for what, mine in (("model", self.model_config), ("data", self.data_config), ("train", self.config)):
+            saved, current = configs[what], dataclasses.asdict(mine)
+            for key in sorted(set(saved) | set(current)):
+                if saved.get(key, "<unset>") != current.get(key, "<unset>"):
+                    raise CheckpointError(
+                        f"{directory} comes from a training with another {what} config: {key} is "
+                        f"{saved.get(key, '<unset>')!r} there, {current.get(key, '<unset>')!r} here"
+                    )
+        if state["dataset_sha256"] != self.corpus.meta["sha256"]:
+            raise CheckpointError(
+                f"{directory} was trained on other data (sha256 {state['dataset_sha256'][:12]}…); "
+                f"{self.data_config.source} now has sha256 {self.corpus.meta['sha256'][:12]}…"
+            )
+        optimizer_state = self._optimizer_state_dict(directory, state["optimizer"], tensors["optimizer"])
+        scheduler_state = dict(state["scheduler"])
+        position = int(state["batches"]["position"])
+        if not 0 <= position < len(self.batches.tokens):
+            raise CheckpointError(f"{directory}: batch position {position} is outside the corpus")
+        rng = tensors["rng"]
+        numpy_state = state["rng"]["numpy"]
+        numpy_rng = (
+            numpy_state["kind"],
+            rng["numpy"].numpy().astype(np.uint32),
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["gauss"]),
+        )
+        python_rng = _python_rng_from_json(state["rng"]["python"])
+        trainer = state["trainer"]
+        model_keys = {k: v.shape for k, v in self.model.state_dict().items() if k != TIED_KEY}
+        best = tensors.get("best")
+        if best is not None and {k: v.shape for k, v in best.items()} != model_keys:
+            raise CheckpointError(f"{directory}: best.safetensors does not match the model")
+        if (best is None) != (trainer["best_val_step"] is None):
+            raise CheckpointError(f"{directory}: best.safetensors and the best validation step disagree")
+        loop = _LoopState(
+            step=int(state["step"]),
+            window=deque((float(v) for v in trainer["window"]), maxlen=self.config.avg_window),
+            best_loss=_none_to_inf(trainer["best_loss"]),
+            best_val=_none_to_inf(trainer["best_val"]),
+            best_val_step=trainer["best_val_step"],
+            best_state=None,
+            evals_without_improvement=int(trainer["evals_without_improvement"]),
+            last_eval={k: float(v) for k, v in trainer["last_eval"].items()},
+            last_eval_step=int(trainer["last_eval_step"]),
+            loss_value=math.nan if trainer["loss_value"] is None else float(trainer["loss_value"]),
+        )
+        if best is not None:
+            loop.best_state = {k: v.to(self.device) for k, v in best.items()}
+            loop.best_state[TIED_KEY] = loop.best_state["transformer.wte.weight"]
+        cuda_states = [rng[f"cuda/{i}"] for i in range(len([k for k in rng if k.startswith("cuda/")]))]
+
+        def apply() -> None:
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(scheduler_state)
+            self.batches.load_state_dict({"position": position, "rng": rng["batches"]})
+            torch.set_rng_state(rng["torch"])
+            if cuda_states and self.device.type == "cuda":
+                # Same number of GPUs as when saved, or as many as both have: only the trainer's device matters.
+                count = min(len(cuda_states), torch.cuda.device_count())
+                torch.cuda.set_rng_state_all(cuda_states[:count])
+            np.random.set_state(numpy_rng)
+            random.setstate(python_rng)
+            self._loop = loop
+            self._saved_step = loop.step
+
+        return apply
+
+    def _optimizer_state_dict(self, directory: Path, saved: dict, tensors: dict[str, torch.Tensor]) -> dict:
+        """The ``optimizer.load_state_dict`` argument for the saved AdamW state, after checking it fits the model."""
+        names = self._parameter_names()
+        groups = saved["param_groups"]
+        if [g["params"] for g in groups] != [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]:
+            raise CheckpointError(f"{directory}: the optimizer state is for other parameters than the model's")
+        values = saved["values"]
+        unused = set(tensors)
+        state: dict[int, dict] = {}
+        param_groups = []
+        index = 0
+        for current, group in zip(self.optimizer.param_groups, groups, strict=True):
+            indices = []
+            for parameter in current["params"]:
+                name = names[id(parameter)]
+                entry = {key.split("/", 1)[0]: tensors[key] for key in tensors if key.split("/", 1)[1] == name}
+                unused -= {f"{key}/{name}" for key in entry}
+                for key, tensor in entry.items():
+                    if key != "step" and tensor.shape != parameter.shape:
+                        raise CheckpointError(f"{directory}: optimizer {key} of {name} has the wrong shape")
+                entry.update(values.get(name, {}))
+                if entry:
+                    state[index] = entry
+                indices.append(index)
+                index += 1
+            # The hyperparameters come from the checkpoint (the schedule moved lr); how AdamW runs (fused on CUDA,
+            # foreach) stays this trainer's, which may be on another device.
+            hyper = {k: v for k, v in group.items() if k != "params" and k not in _OPTIMIZER_IMPLEMENTATION}
+            if "betas" in hyper:
+                hyper["betas"] = tuple(hyper["betas"])
+            kept = {k: v for k, v in current.items() if k != "params"}
+            param_groups.append({**kept, **hyper, "params": indices})
+        if unused:
+            raise CheckpointError(f"{directory}: optimizer state for unknown parameters: {sorted(unused)[:3]}")
+        if len({frozenset(entry) for entry in state.values()}) > 1:
+            raise CheckpointError(f"{directory}: the optimizer state is incomplete")
+        return {"state": state, "param_groups": param_groups}
+
+
+_OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+"""AdamW group settings that choose an implementation, not the mathematics: a resumed trainer keeps its own."""
+
+
+@dataclass
+class _LoopState:
+    """The running state of :meth:`Trainer.fit` that a resumed training needs besides the model, optimizer,
+    schedule, batch position and RNGs."""
+
+    window: deque
+    """The last ``avg_window`` step losses (``avg_loss`` is their mean)."""
+    step: int = 0
+    """Optimizer steps taken."""
+    best_loss: float = math.inf
+    """Lowest single-step loss so far."""
+    best_val: float = math.inf
+    """Lowest validation loss so far."""
+    best_val_step: int | None = None
+    """Step of ``best_val`` (None before the first evaluation)."""
+    best_state: dict[str, torch.Tensor] | None = None
+    """The weights at ``best_val_step``."""
+    evals_without_improvement: int = 0
+    """Evaluations since the last new best validation loss (for ``patience``)."""
+    last_eval: dict[str, float] = field(default_factory=dict)
+    """Metrics of the latest evaluation."""
+    last_eval_step: int = 0
+    """Step of the latest evaluation (0: none yet)."""
+    loss_value: float = math.nan
+    """Loss of the latest step."""
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no infinity or NaN: "none yet" is stored as null.
+    return value if math.isfinite(value) else None
+
+
+def _none_to_inf(value: float | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+def _python_rng_state() -> dict:
+    version, internal, gauss_next = random.getstate()
+    return {"version": version, "state": list(internal), "gauss_next": gauss_next}
+
+
+def _python_rng_from_json(saved: dict) -> tuple:
+    return int(saved["version"]), tuple(int(v) for v in saved["state"]), saved["gauss_next"]

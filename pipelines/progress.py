@@ -23,6 +23,7 @@ class TerminalProgress(Callback):
         self.show_samples = show_samples
         self.is_tty = self.stream.isatty()
         self._started = time.perf_counter()
+        self._start_step = 0  # a resumed training starts after this step: the ETA counts only this session's steps
         self._bar_visible = False
 
     def _line(self, text: str) -> None:
@@ -34,6 +35,7 @@ class TerminalProgress(Callback):
 
     def on_train_start(self, summary: dict) -> None:
         self._started = time.perf_counter()
+        self._start_step = summary.get("start_step", 0)
         self._line(f"total parameters: {summary['total_params']:,} (trainable {summary['trainable_params']:,})")
         self._line(f"model size: {summary['size_mb']:.2f} MB (fp32)")
         for name, size in summary["size_by_component"].items():
@@ -45,9 +47,11 @@ class TerminalProgress(Callback):
             f"device: {summary['device']}, {summary['threads']} threads"
             + (f", peak {peak:g} TFLOP/s (for MFU)" if peak is not None else "")
         )
+        if self._start_step:
+            self._line(f"resumed after step {self._start_step:,}")
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.log_interval == 0 or step == 1:
+        if step % self.log_interval == 0 or step == self._start_step + 1:
             self._line(
                 f"step {step:6d} | loss {metrics['loss']:.4f} | avg_loss {metrics['avg_loss']:.4f} | "
                 f"best_loss {metrics['best_loss']:.4f} | lr {metrics['lr']:.2e} | "
@@ -57,7 +61,7 @@ class TerminalProgress(Callback):
             )
         if self.is_tty:
             elapsed = time.perf_counter() - self._started
-            eta = elapsed / step * (self.max_steps - step)
+            eta = elapsed / (step - self._start_step) * (self.max_steps - step)
             done = int(30 * step / self.max_steps)
             bar = "█" * done + "·" * (30 - done)
             self.stream.write(

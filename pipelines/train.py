@@ -4,12 +4,20 @@ Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--t
        [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
        [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
        [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR] [--init-from HF_DIR [--context T]]
-       [--pad-vocab N] [--compile] [--peak-tflops X]
+       [--pad-vocab N] [--compile] [--peak-tflops X] [--checkpoint-interval N] [--keep-checkpoints K]
+       python -m pipelines.train --resume RUN_ID [--checkpoint-root DIR] [--log-interval N] [--job-dir DIR]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
 or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
 one with --register-best) becomes a new version of the registered model. Ctrl-C or SIGTERM stops after the
 current step, saves a checkpoint and ends the run KILLED.
+
+Every --checkpoint-interval steps (default 500; 0 = never) and when training stops, a resumable checkpoint (weights,
+optimizer, schedule, batch position, random states, running averages; safetensors + JSON) is written atomically
+to <checkpoint root>/<run id>/resume/; the newest --keep-checkpoints (default 3) are kept. --resume RUN_ID continues
+a KILLED or FAILED run from its latest one: the same MLflow run, with the settings it was started with (flags that
+would change them are refused), its metrics going on at the next step. The checkpoint is looked for where the run
+wrote it, or under --checkpoint-root when that is given.
 
 With --init-from HF_DIR the run fine-tunes a Hugging Face GPT-2 checkpoint (config.json + model.safetensors, e.g.
 pretrained GPT-2 saved locally) instead of starting from random weights. The model's shape then comes from that
@@ -158,14 +166,61 @@ def build_parser() -> ArgumentParser:
     track.add_argument("--register-best", action="store_true", help="register the best-validation checkpoint")
     track.add_argument("--log-interval", type=positive_int, default=10, help="terminal line every N steps (default 10)")
     track.add_argument(
-        "--checkpoint-root", help="folder for local checkpoints, one per run (default: mlruns/checkpoints)"
-    )
-    track.add_argument(
         "--job-dir",
         help="record the run id, live progress and the outcome in this folder "
         "(used by the studio app to run training as a background job)",
     )
+
+    ckpt = p.add_argument_group("checkpoints and resume")
+    ckpt.add_argument(
+        "--checkpoint-root", help="folder for local checkpoints, one per run (default: mlruns/checkpoints)"
+    )
+    ckpt.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=d.checkpoint_interval,
+        metavar="N",
+        help=f"resumable checkpoint every N steps and at the end; 0 = none (default {d.checkpoint_interval})",
+    )
+    ckpt.add_argument(
+        "--keep-checkpoints",
+        type=positive_int,
+        default=d.keep_checkpoints,
+        metavar="K",
+        help=f"keep the newest K resumable checkpoints (default {d.keep_checkpoints})",
+    )
+    ckpt.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue this KILLED or FAILED run from its latest resumable checkpoint, with its own settings",
+    )
     return p
+
+
+RESUME_OPTIONS = ("resume", "checkpoint_root", "log_interval", "job_dir")
+"""The options --resume may be combined with: where things are and how progress shows, never the training."""
+
+
+def explicit_options(argv: Sequence[str] | None) -> list[str]:
+    """The destinations of the options given in ``argv`` (default: the command line), whatever their values."""
+    parser = build_parser()
+    # With every default suppressed, the namespace holds only what was typed, even a value equal to its default.
+    # (set_defaults cannot do this: argparse would put its SUPPRESS marker in the namespace as a value.)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return list(vars(parser.parse_args(argv)))
+
+
+def check_resume_options(args: argparse.Namespace, given: Sequence[str]) -> None:
+    """Raise ``UsageError`` when ``--resume`` comes with an option that would change the resumed training."""
+    from core.errors import UsageError
+
+    conflicting = [f"--{dest.replace('_', '-')}" for dest in given if dest not in RESUME_OPTIONS]
+    if conflicting:
+        raise UsageError(
+            f"--resume continues run {args.resume} with the settings it was started with; drop "
+            + ", ".join(conflicting)
+        )
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig]:
@@ -212,6 +267,8 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
         compile=args.compile,
         peak_tflops=args.peak_tflops,
+        checkpoint_interval=args.checkpoint_interval,
+        keep_checkpoints=args.keep_checkpoints,
     )
     tracking = TrackingConfig(
         experiment=args.experiment,
@@ -253,21 +310,33 @@ def init_from_model_config(args: argparse.Namespace) -> ModelConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = explicit_options(argv) if args.resume is not None else []
     if args.job_dir is None:
-        return train(args)
+        return train(args, given=given)
     from core.jobs import JobRecorder
 
     with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
-        return train(args, job)
+        return train(args, job, given=given)
 
 
-def train(args: argparse.Namespace, job: JobRecorder | None = None) -> int:
-    """Train as ``args`` ask, reporting to the terminal (and to ``job``); returns the exit code."""
-    from core.experiment import run_training
+def train(args: argparse.Namespace, job: JobRecorder | None = None, *, given: Sequence[str] = ()) -> int:
+    """Train as ``args`` ask (or resume ``args.resume``, ``given`` being the options typed), reporting to the
+    terminal (and to ``job``); returns the exit code."""
+    from core.experiment import find_resume_point, resume_training, run_training
     from core.store import tracking_uri
     from pipelines.progress import TerminalProgress
 
-    model_config, data_config, train_config, tracking = build_configs(args)
+    if args.resume is not None:
+        check_resume_options(args, given)
+        point = find_resume_point(args.resume, checkpoint_root=args.checkpoint_root)
+        model_config, data_config, train_config, tracking = (
+            point.model_config,
+            point.data_config,
+            point.train_config,
+            point.tracking,
+        )
+    else:
+        model_config, data_config, train_config, tracking = build_configs(args)
     print(f"tracking store: {tracking_uri()}")
     callbacks = [TerminalProgress(train_config.max_steps, log_interval=args.log_interval)]
     if job is not None:
@@ -278,7 +347,13 @@ def train(args: argparse.Namespace, job: JobRecorder | None = None) -> int:
         if job is not None:
             job.run_created(run_id)
 
-    outcome = run_training(model_config, data_config, train_config, tracking, callbacks, on_run_created=on_run_created)
+    if args.resume is not None:
+        print(f"resuming run {point.run_id} after step {point.step:,} of {train_config.max_steps:,}", flush=True)
+        outcome = resume_training(point, callbacks, on_run_created=on_run_created)
+    else:
+        outcome = run_training(
+            model_config, data_config, train_config, tracking, callbacks, on_run_created=on_run_created
+        )
     code = 0 if outcome.model_version is not None else (130 if outcome.status == "KILLED" else 1)
     if job is not None:
         job.record_outcome(outcome, code)

@@ -1,5 +1,7 @@
 """The Generate page: pick a registered model, generate, and refuse bad input."""
 
+import html
+
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import app_page
@@ -60,3 +62,45 @@ def test_without_a_registered_model_the_page_points_to_train(empty_store):
     assert not app.exception
     assert "No model is registered yet" in app.info[0].value
     assert not app.button
+
+
+def test_unknown_query_params_fall_back_and_any_text_prompt_works(studio_store):
+    app = app_page(PAGE)
+    app.query_params["model"] = "no-such-model"
+    app.query_params["version"] = "99"
+    app.run()
+    assert not app.exception
+    assert [box.value for box in app.selectbox] == ["shakespeare-gpt", "latest"]
+    prompt = "Emoji 🎭 中文 <b>&amp;</b> \x1b[31m\x07 " * 20  # longer than the tiny model's 32-token context
+    app.text_area[0].set_value(prompt)
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(4)
+    app.text_input[0].set_value("11")
+    app.button[0].click().run()
+    assert not app.exception
+    assert "only its end is used" in app.warning[0].value
+    texts = samples(app)
+    assert len(texts) == 3 and all(t.startswith(f"<div class='sample'>{html.escape(prompt)}") for t in texts)
+
+
+def test_seeds_int_cannot_read_are_refused_with_a_message(studio_store):
+    app = app_page(PAGE).run()
+    for seed in ("²", "1" * 25, "-1", "1e3"):
+        app.text_input[0].set_value(seed)
+        app.button[0].click().run()
+        assert not app.exception, seed
+        assert "The seed must be a whole number" in app.error[0].value
+        assert not samples(app)
+
+
+def test_running_out_of_memory_is_one_message(studio_store, monkeypatch):
+    from core.model import GPT
+
+    def exhausted(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 68719476736 bytes.")
+
+    app = app_page(PAGE).run()
+    monkeypatch.setattr(GPT, "forward", exhausted)  # as a device would, once the samples start
+    app.button[0].click().run()
+    assert not app.exception
+    [error] = app.error
+    assert error.value.startswith("Generation failed: not enough memory") and "fewer samples" in error.value

@@ -37,3 +37,51 @@ def test_home_reports_an_unreachable_server_in_one_line(monkeypatch):
     assert len(app.error) == 1 and "cannot reach the MLflow tracking server" in app.error[0].value
     # The static guide still shows above the error.
     assert any(code.value.startswith("open http://127.0.0.1:9") for code in app.code)
+
+
+def test_home_shows_a_died_job_as_died_never_as_running(empty_store):
+    import json
+    import sys
+    import time
+
+    import psutil
+
+    from core.jobs import default_jobs_root
+    from core.store import connect, ensure_experiment
+
+    client = connect(empty_store)
+    run_id = client.create_run(ensure_experiment(client, "home")).info.run_id
+    dead = psutil.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = default_jobs_root() / "20260101-000001-aaaaaa"
+    folder.mkdir(parents=True)
+    meta = {"job_id": folder.name, "pid": dead.pid, "pgid": dead.pid, "create_time": 1.0, "argv": ["python"]}
+    meta.update(label="lost run", tracking_uri=empty_store, created_at=time.time())
+    (folder / "job.json").write_text(json.dumps(meta))
+    (folder / "run.json").write_text(json.dumps({"run_id": run_id}))
+    (folder / "progress.json").write_text(json.dumps({"step": 5, "max_steps": 100}))
+
+    app = run_home()
+    assert not app.exception
+    captions = [c.value for c in app.caption]
+    assert "No training is running." in captions
+    assert any("1 job(s) died" in c and "lost run" in c for c in captions)
+    assert not app.get("progress")  # no progress bar: nothing is shown as running
+    assert client.get_run(run_id).info.status == "KILLED"  # listing the jobs ended the run it left RUNNING
+
+
+def test_home_ends_a_run_whose_training_process_died_outside_the_app(studio_store):
+    """A RUNNING run tagged by a training process of this machine that no longer exists ends KILLED on Home."""
+    import socket
+
+    from core.store import connect
+    from core.tracking import HOST_TAG, PID_TAG, PROCESS_START_TAG
+
+    client = connect(studio_store)
+    experiment_id = client.get_experiment_by_name("shakespeare-gpt").experiment_id
+    gone = {HOST_TAG: socket.gethostname(), PID_TAG: "999999", PROCESS_START_TAG: "1.0"}  # no such process
+    run_id = client.create_run(experiment_id, run_name="killed-in-a-terminal", tags=gone).info.run_id
+    app = run_home()
+    assert not app.exception
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert any(run_id in c.value and "died" in c.value for c in app.caption)

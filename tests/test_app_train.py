@@ -45,6 +45,51 @@ def test_the_form_shows_the_trainer_defaults_and_an_estimate(empty_store, corpus
     assert "No training jobs yet" in app.info[0].value
 
 
+def upload_and_update(app, name: str, content: bytes) -> None:
+    app.file_uploader[0].set_value((name, content, "text/plain"))
+    next(b for b in app.button if b.label == "Update estimate").click().run()
+
+
+def test_unusable_corpora_and_uploads_are_one_message_each(empty_store, monkeypatch, tmp_path):
+    import core.store
+
+    # The page keeps uploads (and their token caches) under REPO_ROOT/data: here, a temporary folder.
+    monkeypatch.setattr(core.store, "REPO_ROOT", tmp_path)
+    corpus = tmp_path / "latin-1.txt"
+    corpus.write_bytes("Ç'est la vie".encode("latin-1"))
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(corpus))
+    app = app_page(PAGE).run()
+    assert not app.exception
+    [error] = app.error
+    assert "The corpus cannot be used" in error.value and "not UTF-8" in error.value
+    [uploader] = app.file_uploader
+    assert "upload a text corpus" in uploader.label
+
+    for content, message in ((bytes(range(256)), "binary"), (b"\xff\xfe\x00", "UTF-16"), (b" \n", "empty")):
+        upload_and_update(app, "../../etc/passwd", content)
+        assert not app.exception
+        [error] = app.error
+        assert "The uploaded corpus cannot be used" in error.value and message in error.value
+    assert not (tmp_path / "data").exists()  # nothing written
+
+
+@pytest.mark.slow  # the page times a few training steps for the upload's estimate
+def test_an_uploaded_corpus_is_stored_under_data_uploads_and_used(empty_store, corpus_env, monkeypatch, tmp_path):
+    import core.store
+
+    monkeypatch.setattr(core.store, "REPO_ROOT", tmp_path)
+    app = app_page(PAGE).run()
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? 🌅\n" * 800
+    fill(app, **{"Max steps": 10})
+    upload_and_update(app, "../../etc/passwd", text.encode())
+    assert not app.exception and not app.error
+    [stored] = (tmp_path / "data" / "uploads").iterdir()
+    assert stored.name.startswith("passwd-") and stored.read_text() == text
+    assert any(f"data/uploads/{stored.name}" in c.value for c in app.caption)
+    tokens = {m.label: m.value for m in app.metric}["Tokens per epoch"]
+    assert int(tokens.replace(",", "")) < 20_000  # the upload's size, not Tiny Shakespeare's 301,966
+
+
 @pytest.mark.slow
 def test_a_started_job_runs_in_the_background_shows_progress_and_registers(empty_store, corpus_env, tmp_path):
     app = app_page(PAGE).run()
@@ -92,3 +137,36 @@ def test_cancel_stops_the_job_and_the_run_ends_killed(empty_store, corpus_env):
     job = list_jobs()[0]
     assert job.state == "killed"
     assert connect().get_run(job.run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow  # the page times a few training steps for its estimate
+def test_a_died_job_shows_as_died_with_why_and_its_run_ends_killed(empty_store, corpus_env):
+    import json
+    import sys
+
+    import psutil
+
+    from core.jobs import default_jobs_root
+    from core.store import connect, ensure_experiment
+
+    client = connect(empty_store)
+    run_id = client.create_run(ensure_experiment(client, "train-page")).info.run_id
+    dead = psutil.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = default_jobs_root() / "20260101-000001-aaaaaa"
+    folder.mkdir(parents=True)
+    meta = {"job_id": folder.name, "pid": dead.pid, "pgid": dead.pid, "create_time": 1.0, "argv": ["python"]}
+    meta.update(label="lost run", tracking_uri=empty_store, created_at=time.time())
+    (folder / "job.json").write_text(json.dumps(meta))
+    (folder / "run.json").write_text(json.dumps({"run_id": run_id}))
+    (folder / "progress.json").write_text(json.dumps({"step": 5, "max_steps": 100}))
+
+    app = app_page(PAGE).run()
+    assert not app.exception
+    assert any("**lost run** · 💀 process died" in m.value for m in app.markdown)
+    [error] = [e.value for e in app.error]
+    assert f"training process {dead.pid} exited without finishing" in error
+    assert f"MLflow run {run_id} was still RUNNING and has been ended KILLED" in error
+    assert not [b for b in app.button if b.label == "Cancel"]  # only a running job can be cancelled
+    assert any("Training jobs (0 running)" in h.value for h in app.subheader)
+    assert client.get_run(run_id).info.status == "KILLED"

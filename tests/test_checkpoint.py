@@ -107,3 +107,120 @@ def test_saving_over_a_checkpoint_replaces_it(tiny_model, tiny_checkpoint):
     save_checkpoint(tiny_model, tiny_checkpoint)
     loaded, _ = load_checkpoint(tiny_checkpoint)
     torch.testing.assert_close(loaded.transformer.wpe.weight, tiny_model.transformer.wpe.weight)
+
+
+# ---- resumable checkpoints: the folder layout, the latest pointer, pruning, crash safety ----
+
+
+def save_resumable(model, out_dir, step, keep=3):
+    from core.checkpoint import save_resumable_checkpoint
+
+    state = {"trainer": {"window": [1.5, 1.25]}}
+    tensors = {
+        "optimizer": {"exp_avg/transformer.wpe.weight": torch.full((4, 2), float(step))},
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    return save_resumable_checkpoint(model, out_dir, step, state, tensors, keep=keep)
+
+
+def test_a_resumable_checkpoint_reads_back_what_was_saved(tiny_model, tmp_path):
+    from core.checkpoint import latest_resumable_checkpoint, load_resumable_checkpoint
+
+    folder = save_resumable(tiny_model, tmp_path, 7)
+    assert folder == tmp_path / "resume" / "step-00000007"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "training_state.json",
+    ]
+    assert json.loads((tmp_path / "resume" / "latest.json").read_text()) == {"checkpoint": folder.name, "step": 7}
+    assert latest_resumable_checkpoint(tmp_path) == folder
+    loaded = load_resumable_checkpoint(folder)
+    assert loaded.step == 7 and loaded.state["trainer"] == {"window": [1.5, 1.25]}
+    assert torch.equal(loaded.tensors["optimizer"]["exp_avg/transformer.wpe.weight"], torch.full((4, 2), 7.0))
+    assert torch.equal(loaded.tensors["rng"]["torch"], torch.get_rng_state())
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+def test_only_the_newest_k_resumable_checkpoints_are_kept(tiny_model, tmp_path):
+    from core.checkpoint import latest_resumable_checkpoint, list_resumable_checkpoints
+
+    for step in (3, 6, 9, 12):
+        save_resumable(tiny_model, tmp_path, step, keep=2)
+    assert [p.name for p in list_resumable_checkpoints(tmp_path)] == ["step-00000009", "step-00000012"]
+    assert latest_resumable_checkpoint(tmp_path).name == "step-00000012"
+    assert [p.name for p in (tmp_path / "resume").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_crash_mid_resumable_save_keeps_the_previous_checkpoint_and_pointer(tiny_model, tmp_path, monkeypatch):
+    from core.checkpoint import latest_resumable_checkpoint, list_resumable_checkpoints, load_resumable_checkpoint
+
+    previous = save_resumable(tiny_model, tmp_path, 5)
+    real_save_file = checkpoint_module.save_file
+    written = []
+
+    def crash_after_the_weights(tensors, path, *args, **kwargs):
+        if written:  # the weights went to disk; the optimizer state does not
+            raise OSError("disk full")
+        written.append(path)
+        real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash_after_the_weights)
+    with pytest.raises(OSError, match="disk full"):
+        save_resumable(tiny_model, tmp_path, 10)
+    assert written and written[0].endswith("model.safetensors")  # the save did get half-way
+    assert latest_resumable_checkpoint(tmp_path) == previous
+    assert list_resumable_checkpoints(tmp_path) == [previous]
+    assert [p.name for p in (tmp_path / "resume").iterdir() if p.name.startswith(".")] == []
+    assert load_resumable_checkpoint(previous).step == 5
+
+
+def test_a_crash_between_the_save_and_the_pointer_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+    from core.checkpoint import latest_resumable_checkpoint, load_resumable_checkpoint
+
+    previous = save_resumable(tiny_model, tmp_path, 5)
+
+    def crash(*args):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(checkpoint_module, "_write_json_atomic", crash)
+    with pytest.raises(OSError, match="power cut"):
+        save_resumable(tiny_model, tmp_path, 10)
+    assert latest_resumable_checkpoint(tmp_path) == previous  # the complete step-10 folder is not named
+    assert load_resumable_checkpoint(previous).step == 5
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "optimizer.safetensors").write_bytes(b"\x00" * 10), "truncated or corrupt"),
+        (lambda folder: (folder / "rng.safetensors").unlink(), "rng.safetensors is missing"),
+        (lambda folder: (folder / "training_state.json").write_text("{"), "not valid JSON"),
+        (lambda folder: (folder / "model.safetensors").unlink(), "model.safetensors is missing"),
+    ],
+)
+def test_a_damaged_resumable_checkpoint_is_refused(tiny_model, tmp_path, damage, message):
+    from core.checkpoint import load_resumable_checkpoint
+
+    folder = save_resumable(tiny_model, tmp_path, 4)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_resumable_checkpoint(folder)
+
+
+def test_a_missing_or_broken_pointer_is_refused(tiny_model, tmp_path):
+    from core.checkpoint import latest_resumable_checkpoint
+
+    with pytest.raises(CheckpointError, match="no resumable checkpoint"):
+        latest_resumable_checkpoint(tmp_path)
+    save_resumable(tiny_model, tmp_path, 4)
+    pointer = tmp_path / "resume" / "latest.json"
+    pointer.write_text('{"checkpoint": "../../elsewhere"}')
+    with pytest.raises(CheckpointError, match="not a step-\\* folder"):
+        latest_resumable_checkpoint(tmp_path)
+    pointer.write_text('{"checkpoint": "step-00000099"}')
+    with pytest.raises(CheckpointError, match="missing"):
+        latest_resumable_checkpoint(tmp_path)

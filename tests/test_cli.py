@@ -12,9 +12,14 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 180, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=os.environ.copy() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -126,8 +131,11 @@ def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
         (["--prompt", "a", "--num-samples", "0"], "num_samples"),
         (["--prompt", "a", "--num-samples", "64"], "num_samples"),
         (["--prompt", "a", "--temperature", "-1"], "temperature"),
+        (["--prompt", "a", "--temperature", "inf"], "temperature"),
         (["--prompt", "a", "--top-k", "0"], "top_k"),
+        (["--prompt", "a", "--top-k", "-3"], "top_k"),
         (["--prompt", "a", "--top-p", "0"], "top_p"),
+        (["--prompt", "a", "--top-p", "-0.5"], "top_p"),
         (["--prompt", "a", "--top-p", "1.5"], "top_p"),
         (["--prompt", "a", "--max-new-tokens", "lots"], "invalid int value"),
         (["--prompt", "a", "--device", "tpu"], "unknown device"),
@@ -148,6 +156,11 @@ def test_prepare_data_bad_sources(tmp_path):
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)))
     assert_usage_error(cli("pipelines.prepare_data", "--source", str(binary), "--out", str(tmp_path)), "binary")
+    for content, fragment in ((b" \n\t", "empty"), ("Ç'est la vie".encode("latin-1"), "not UTF-8")):
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(content)
+        assert_usage_error(cli("pipelines.prepare_data", "--source", str(bad), "--out", str(tmp_path)), fragment)
+    assert not list(tmp_path.glob("*/meta.json"))  # nothing prepared
     assert_usage_error(
         cli("pipelines.prepare_data", "--source", str(tmp_path / "x.txt"), "--out", str(tmp_path)), "not found"
     )
@@ -174,6 +187,7 @@ def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, t
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["samples"][0].startswith("ROMEO:")
         assert "model: bard/1" in result.stderr
+    assert_usage_error(cli("pipelines.generate", "--model", "nosuch", "--prompt", "x"), "registered models: bard")
     assert_usage_error(cli("pipelines.generate", "--model", "bard/7", "--prompt", "x"), "has no version 7")
     assert_usage_error(cli("pipelines.generate", "--model", "bard@prod", "--prompt", "x"), "@champion (version 1)")
     # With nothing given, the default name is looked up and its absence is explained.
@@ -250,3 +264,148 @@ def test_pad_vocab_applies_to_init_from_and_the_weights_load_padded(tmp_path, ti
 )
 def test_train_bad_gpu_flags_are_one_line_and_exit_2(extra, fragment):
     assert_usage_error(cli("pipelines.train", "--device", "cpu", *extra), fragment)
+
+
+# ---- resumable training: SIGTERM, then --resume in a new process ----
+
+
+def test_train_stopped_by_sigterm_resumes_in_a_new_process_as_the_same_run(tmp_path, shakespeare_path):
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    corpus = tmp_path / "head.txt"
+    corpus.write_text(shakespeare_path.read_text()[:20_000])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    steps = 60  # a few hundred milliseconds of margin after the first checkpoint, even on a fast machine
+    argv = [
+        "--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context", "32",
+        "--block-size", "32", "--batch-size", "4", "--max-steps", str(steps), "--target-loss", "0",
+        "--eval-interval", "50", "--sample-interval", "0", "--device", "cpu", "--data", str(corpus),
+        "--experiment", "resume-cli", "--checkpoint-root", str(tmp_path / "checkpoints"),
+        "--checkpoint-interval", "5", "--log-interval", "1000",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        run_id = next((line.split()[-1] for line in first.stdout if line.startswith("mlflow run: ")), None)
+        assert run_id is not None, "the training printed no run id"
+        pointer = tmp_path / "checkpoints" / run_id / "resume" / "latest.json"
+        deadline = time.monotonic() + 120
+        while not pointer.exists():  # the first periodic checkpoint: training is under way
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        output = first.stdout.read()
+        assert first.wait(timeout=120) == 130, output
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        first.stdout.close()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "stopped: SIGTERM"
+    stopped_at = max(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert 5 <= stopped_at < steps
+    assert json.loads(pointer.read_text())["step"] == stopped_at  # the stop wrote a checkpoint of its last step
+
+    # No --checkpoint-root: the run's checkpoint_dir tag says where its checkpoints are.
+    second = cli("pipelines.train", "--resume", run_id, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming run {run_id} after step {stopped_at} of {steps}" in second.stdout
+    assert f"run {run_id} ended FINISHED" in second.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(stopped_at)
+    for name in ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, steps + 1)), name
+
+
+def test_train_resume_errors_are_one_line_and_change_nothing(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    assert_usage_error(cli("pipelines.train", "--resume", "a" * 32, env=env), "the tracking store")
+    assert not (tmp_path / "mlflow.db").exists()
+    assert_usage_error(cli("pipelines.train", "--resume", "a" * 32, "--lr", "1", env=env), "drop --lr")
+    assert_usage_error(cli("pipelines.train", "--checkpoint-interval", "-1", env=env), "checkpoint_interval")
+    assert_usage_error(cli("pipelines.train", "--keep-checkpoints", "0", env=env), "positive integer")
+
+
+# ---- bad input everywhere: the generate CLI's prompt, caps and weights; the training CLI's corpus and block size ----
+
+
+def test_generate_help_states_the_caps():
+    from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP
+
+    result = cli("pipelines.generate", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps the help text
+    assert f"new tokens per sample, 1..{MAX_NEW_TOKENS_CAP}" in text
+    assert f"run as one batch, 1..{NUM_SAMPLES_CAP}" in text
+
+
+def test_generate_takes_emoji_cjk_and_control_characters(tiny_checkpoint):
+    prompt = "Emoji 🎭👑 中文：生存还是毁灭 \x07\x1b[31mred\x1b[0m\ttab"  # no \r: text=True reads it back as \n
+    base = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6")
+    result = cli(*base, "--num-samples", "2", "--seed", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    samples = json.loads(result.stdout)["samples"]
+    assert len(samples) == 2 and all(sample.startswith(prompt) for sample in samples)
+    streamed = cli(*base, "--seed", "5")  # one sample streams to the terminal as text
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.startswith(prompt)
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(tiny_checkpoint):
+    # A terminal in another encoding passes bytes that are not UTF-8; Python carries them as lone surrogates.
+    argv = [sys.executable, "-m", "pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt"]
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run(
+        [os.fsencode(a) for a in argv] + [b"caf\xe9"], cwd=REPO, env=env, capture_output=True, timeout=180
+    )
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "lone surrogate" in stderr
+
+
+def test_generate_refuses_nan_weights(tiny_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_checkpoint / "model.safetensors"
+    state = load_file(str(weights))
+    state["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    save_file(state, str(weights))
+    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "NaN")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"", "empty"),
+        (bytes(range(256)), "binary"),
+        ("Ç'est la vie".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_train_refuses_an_unusable_corpus_before_any_run(tmp_path, monkeypatch, content, fragment):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    result = cli("pipelines.train", "--device", "cpu", "--data", str(corpus), "--max-steps", "1")
+    assert_usage_error(result, fragment)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
+
+
+def test_train_refuses_a_block_size_above_the_context(tmp_path, monkeypatch, shakespeare_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = cli(
+        "pipelines.train", "--device", "cpu", "--preset", "tiny", "--block-size", "256", "--data", str(shakespeare_path)
+    )
+    assert_usage_error(result, "block size 256 is above the model's context of 128; use --block-size 128 or less")

@@ -1,4 +1,6 @@
+import hashlib
 import http.server
+import re
 import threading
 from functools import partial
 
@@ -7,7 +9,15 @@ import pytest
 import torch
 
 from core.config import DataConfig
-from core.data import CorpusError, TokenBatches, epoch_batches, prepare_corpus, read_corpus, split_text
+from core.data import (
+    CorpusError,
+    TokenBatches,
+    epoch_batches,
+    prepare_corpus,
+    read_corpus,
+    split_text,
+    store_upload,
+)
 from core.errors import UsageError
 
 
@@ -130,3 +140,73 @@ def test_epoch_batches_cover_the_split_once():
     batches = list(epoch_batches(tokens, batch_size=2, block_size=5))
     assert len(batches) == 4
     assert batches[-1][1][-1, -1].item() == 40
+
+
+# ---- uploaded corpora ----
+
+TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\x.txt", "x"),
+        ("/etc/passwd", "passwd"),
+        ("C:\\Windows\\system32\\notes.txt", "notes"),
+        ("evil\x00name\n.txt", "evilname"),
+        ("", "corpus"),
+        ("..", "corpus"),
+        (".bashrc", "bashrc"),
+        ("-rf.txt", "rf"),
+        ("play...txt", "play"),
+        ("Roméo & Juliette (1597).txt", "Rom_o_Juliette_1597"),
+        ("中文.txt", "corpus"),
+    ],
+)
+def test_uploads_get_a_safe_name_inside_the_uploads_folder(tmp_path, name, stem):
+    path = store_upload(name, TEXT, tmp_path)
+    uploads = (tmp_path / "uploads").resolve()
+    assert path.parent == uploads
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", path.name), path.name
+    assert ".." not in path.name
+    assert path.name.startswith(f"{stem}-{hashlib.sha256(TEXT).hexdigest()[:16]}.")
+    assert path.read_bytes() == TEXT
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [path.name]  # nothing else anywhere
+
+
+def test_an_upload_is_stored_intact_and_usable_as_a_corpus(tmp_path, tokenizer):
+    content = "ROMEO:\nBut soft, what light through yonder window breaks? 🌅 中文\n".encode() * 40
+    path = store_upload("sonnets.txt", content, tmp_path / "data")
+    assert path.parent == (tmp_path / "data" / "uploads").resolve()
+    assert path.suffix == ".txt" and path.read_bytes() == content
+    corpus = prepare_corpus(DataConfig(source=str(path), cache_dir=str(tmp_path / "data")), tokenizer)
+    assert corpus.meta["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_uploads_never_overwrite_each_other(tmp_path):
+    first = store_upload("play.txt", TEXT, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    other = store_upload("play.txt", TEXT + b"Speak, speak.\n", tmp_path)
+    assert other != first and first.read_bytes() == TEXT
+    again = store_upload("play.txt", TEXT, tmp_path)  # the same content again: the same file, not rewritten
+    assert again == first and first.stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "uploads").iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b" \n\t\n", "empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+        (bytes(range(256)), "binary"),
+        ("Ç'est la vie".encode("latin-1"), "not UTF-8"),
+        ("Hamlet".encode("utf-16"), "UTF-16"),
+    ],
+)
+def test_unusable_uploads_are_refused_and_nothing_is_written(tmp_path, content, message):
+    with pytest.raises(CorpusError, match=message) as caught:
+        store_upload("../../evil\n.txt", content, tmp_path)
+    assert "\n" not in str(caught.value)  # the name is shown escaped, on one line
+    assert not any(tmp_path.iterdir())

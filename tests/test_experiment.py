@@ -1,12 +1,20 @@
 """A tracked training run end to end: real corpus, real SQLite MLflow store, real registry."""
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
+from core.checkpoint import CheckpointError
 from core.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
-from core.experiment import run_training
+from core.errors import UsageError
+from core.experiment import find_resume_point, resume_training, run_training
 from core.registry import load_registered_model, resolve_model_version
 from core.sampling import generate
 from core.store import connect
+from core.tracking import parse_samples
+from core.trainer import Callback
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 STEP_METRICS = ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec")
@@ -106,3 +114,203 @@ def test_bad_input_creates_no_run(tmp_path):
             TrackingConfig(tracking_uri=uri),
         )
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# ---- resuming a stopped run: same run, same training, one point per step ----
+
+RESUME_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, shakespeare_path):
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare-head.txt"
+    path.write_text(shakespeare_path.read_text()[:40_000])
+    return path
+
+
+class SignalAt(Callback):
+    """Sends this process SIGTERM at a step, as `kill` or a job's cancel does."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class CrashAt(Callback):
+    """Fails at a step, after the step's metrics went to the logger (a crash past the latest checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            raise RuntimeError("lost the GPU")
+
+
+def tracked(store, corpus, callbacks=(), **fields):
+    """A tracked tiny run in the store folder ``store`` (checkpoints beside it), 12 steps, checkpoint every 4."""
+    data = DataConfig(source=str(corpus), cache_dir=str(store.parent / "data"), batch_size=4, block_size=32)
+    train_config = TrainConfig(
+        **{
+            "max_steps": RESUME_STEPS,
+            "eval_interval": 5,
+            "sample_interval": 4,
+            "sample_tokens": 4,
+            "checkpoint_interval": 4,
+            "device": "cpu",
+            "lr": 3e-3,
+            "target_loss": 0,
+            **fields,
+        }
+    )
+    tracking = TrackingConfig(
+        experiment="resume",
+        preset="tiny",
+        tracking_uri=f"sqlite:///{store}/mlflow.db",
+        checkpoint_root=str(store / "checkpoints"),
+    )
+    return run_training(MODEL, data, train_config, tracking, callbacks)
+
+
+def histories(client, run_id):
+    """Every metric of the run as {name: [(step, value), ...]} in step order."""
+    names = client.get_run(run_id).data.metrics
+    return {n: sorted((m.step, m.value) for m in client.get_metric_history(run_id, n)) for n in names}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, small_corpus):
+    """The uninterrupted run the resumed ones must reproduce: (store URI, run id, metric histories)."""
+    store = tmp_path_factory.mktemp("straight")
+    outcome = tracked(store, small_corpus)
+    client = connect(f"sqlite:///{store}/mlflow.db")
+    return f"sqlite:///{store}/mlflow.db", outcome.run_id, histories(client, outcome.run_id)
+
+
+DETERMINISTIC = ("loss", "avg_loss", "best_loss", "lr")  # the timings differ from run to run
+
+
+def assert_one_point_per_step_and_the_straight_values(resumed, straight_histories):
+    for name in STEP_METRICS:
+        assert [s for s, _ in resumed[name]] == list(range(1, RESUME_STEPS + 1)), name
+    for name in DETERMINISTIC:
+        assert [s for s, _ in resumed[name]] == [s for s, _ in straight_histories[name]], name
+        values, expected = [v for _, v in resumed[name]], [v for _, v in straight_histories[name]]
+        assert values == pytest.approx(expected, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_resumes_as_the_same_run_and_matches_a_straight_run(tmp_path, small_corpus, straight):
+    _, _, expected = straight
+    stopped = tracked(tmp_path, small_corpus, [SignalAt(7)])
+    assert stopped.status == "KILLED" and stopped.result.steps == 7
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(stopped.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["checkpoint_dir"] == str((tmp_path / "checkpoints" / stopped.run_id).resolve())
+
+    point = find_resume_point(stopped.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert point.step == 7 and point.checkpoint.name == "step-00000007"  # written at the stop
+    assert point.train_config.max_steps == RESUME_STEPS and point.tracking.preset == "tiny"
+    outcome = resume_training(point)
+
+    assert outcome.run_id == stopped.run_id and outcome.status == "FINISHED" and outcome.result.steps == RESUME_STEPS
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no new run
+    run = client.get_run(stopped.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_step"] == "7" and run.data.tags["stop_reason"] == "max_steps"
+    assert resolve_model_version(client, f"shakespeare-gpt/{outcome.model_version}").run_id == stopped.run_id
+    resumed = histories(client, stopped.run_id)
+    assert_one_point_per_step_and_the_straight_values(resumed, expected)
+    # The stopped process's final evaluation at step 7 stays; every other one is the straight run's.
+    assert [s for s, _ in resumed["val_loss"]] == [5, 7, 10, 12]
+    values = [v for s, v in resumed["val_loss"] if s != 7]
+    assert values == pytest.approx([v for _, v in expected["val_loss"]], abs=1e-6)
+    document = Path(client.download_artifacts(stopped.run_id, "samples.txt", str(tmp_path))).read_text()
+    samples = parse_samples(document)
+    assert [s for s, _ in samples] == [4, 7, 8, 12]
+
+
+@pytest.mark.slow
+def test_a_failed_run_resumes_from_its_last_checkpoint_without_logging_a_step_twice(tmp_path, small_corpus, straight):
+    _, _, expected = straight
+    with pytest.raises(RuntimeError, match="lost the GPU"):
+        tracked(tmp_path, small_corpus, [CrashAt(6)])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = connect(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED" and "lost the GPU" in run.data.tags["error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+    point = find_resume_point(run.info.run_id, tracking_uri=uri)
+    assert point.step == 4 and point.logged_through["loss"] == 6  # steps 5 and 6 are taken again, not logged again
+    outcome = resume_training(point)
+    assert outcome.status == "FINISHED"
+    assert "error" not in client.get_run(run.info.run_id).data.tags
+    assert_one_point_per_step_and_the_straight_values(histories(client, run.info.run_id), expected)
+
+
+@pytest.mark.slow
+def test_runs_that_cannot_be_resumed_are_refused_and_left_as_they_were(tmp_path, small_corpus, straight):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    finished_uri, finished_id, _ = straight
+    with pytest.raises(UsageError, match=f"run {finished_id} is FINISHED: there is nothing to resume"):
+        find_resume_point(finished_id, tracking_uri=finished_uri)
+    with pytest.raises(UsageError, match="the tracking store .* does not exist"):
+        find_resume_point("0" * 32, tracking_uri=uri)
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create a store
+    with pytest.raises(UsageError, match="invalid run id"):
+        find_resume_point("../etc", tracking_uri=finished_uri)
+
+    no_checkpoints = tracked(tmp_path, small_corpus, [SignalAt(2)], checkpoint_interval=0)
+    assert no_checkpoints.status == "KILLED"
+    with pytest.raises(UsageError, match=f"no MLflow run {'0' * 32} in"):
+        find_resume_point("0" * 32, tracking_uri=uri)
+    with pytest.raises(CheckpointError, match="has no resumable checkpoint in .*checkpoint-interval 0"):
+        find_resume_point(no_checkpoints.run_id, tracking_uri=uri)
+
+    client = connect(uri)
+    running = client.create_run(client.get_experiment_by_name("resume").experiment_id).info.run_id
+    with pytest.raises(UsageError, match="is RUNNING: another process may still be training it"):
+        find_resume_point(running, tracking_uri=uri)
+
+    corrupt = tracked(tmp_path, small_corpus, [SignalAt(5)])
+    before = client.get_run(corrupt.run_id)
+    checkpoint = tmp_path / "checkpoints" / corrupt.run_id / "resume" / "step-00000005"
+    weights = checkpoint / "optimizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    point = find_resume_point(corrupt.run_id, tracking_uri=uri)  # reads only the JSON
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is truncated or corrupt"):
+        resume_training(point)
+    after = client.get_run(corrupt.run_id)
+    assert after.info.status == "KILLED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags and after.data.metrics == before.data.metrics
+
+
+def test_the_train_cli_refuses_flags_that_would_change_a_resumed_run(tmp_path, monkeypatch, capsys):
+    from core.store import ensure_experiment
+    from pipelines.cli import run
+    from pipelines.train import main
+
+    finished_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = connect(finished_uri)
+    finished_id = client.create_run(ensure_experiment(client, "cli")).info.run_id
+    client.set_terminated(finished_id, "FINISHED")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", finished_uri)
+
+    def cli_error(*argv):
+        with pytest.raises(SystemExit) as exited:
+            run(main, list(argv))
+        assert exited.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    # --max-steps is refused even at its default value: it would silently not apply.
+    message = cli_error("--resume", finished_id, "--lr", "0.1", "--max-steps", "20000", "--compile")
+    assert message.endswith("with the settings it was started with; drop --lr, --max-steps, --compile")
+    assert "FINISHED: there is nothing to resume" in cli_error("--resume", finished_id, "--log-interval", "5")
+    assert "no MLflow run" in cli_error("--resume", "f" * 32)

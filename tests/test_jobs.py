@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,9 @@ from core.jobs import (
     list_jobs,
     start_job,
 )
-from core.store import connect, ensure_experiment
+from core.store import REPO_ROOT, connect, ensure_experiment
+from core.tracking import HOST_TAG, PID_TAG, PROCESS_START_TAG
+from pipelines import jobs as jobs_cli
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="background jobs need POSIX process groups")
 
@@ -107,6 +110,10 @@ def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client,
     assert run.info.status == "FINISHED"
     assert run.data.tags["studio.job_id"] == job.job_id
     assert run.data.tags["studio.job_pid"] == str(job.pid)
+    # What reap_orphan_runs needs to tell this run's process from any other.
+    assert run.data.tags[HOST_TAG] == socket.gethostname() and run.data.tags[PID_TAG] == str(job.pid)
+    meta = json.loads((info.job_dir / "job.json").read_text())
+    assert abs(float(run.data.tags[PROCESS_START_TAG]) - meta["create_time"]) < 1
 
     assert info.progress["step"] == info.progress["max_steps"] == 8
     assert info.progress["loss"] > 0 and info.progress["tokens_per_sec"] > 0
@@ -138,7 +145,7 @@ def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_r
 
 
 @pytest.mark.slow
-def test_a_killed_process_shows_as_died_and_its_run_fails(tmp_path, jobs_root, client, shakespeare_path):
+def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_root, client, shakespeare_path):
     job = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root)
     started = wait_for(job.job_id, jobs_root, lambda j: j.run_id is not None)
     os.killpg(job.pgid, signal.SIGKILL)  # what an out-of-memory killer or `kill -9` does
@@ -146,10 +153,50 @@ def test_a_killed_process_shows_as_died_and_its_run_fails(tmp_path, jobs_root, c
     info = wait_for(job.job_id, jobs_root, lambda j: not j.is_active, timeout=10)
     assert info.state == "died"
     assert f"training process {job.pid} exited without finishing" in info.reason and "SIGKILL" in info.reason
+    assert f"run {started.run_id} was still RUNNING and has been ended KILLED" in info.reason
     run = client.get_run(started.run_id)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "KILLED"
     assert run.data.tags["error"] == DIED_ERROR.format(pid=job.pid)
     assert (info.job_dir / "reconciled.json").is_file()  # later listings do not ask MLflow again
+    assert [j.state for j in list_jobs(jobs_root)] == ["died"]
+
+
+@pytest.mark.slow
+def test_reap_ends_a_killed_cli_run_killed(tmp_path, client, store_uri, shakespeare_path, capsys):
+    """A `python -m pipelines.train` started in a terminal, not as a job, then killed with `kill -9`."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", *train_args(tmp_path, shakespeare_path, 100_000)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store_uri, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group: the SIGKILL below never reaches pytest
+    )
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("mlflow run: ")):
+            line = trainer.stdout.readline()
+            assert line, "".join(lines)  # it ended before creating its run
+            lines.append(line)
+        run_id = lines[-1].split()[-1]
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=10)
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait()
+        trainer.stdout.close()
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing else ends it
+
+    assert jobs_cli.main(["--jobs-root", str(tmp_path / "no-jobs"), "reap"]) == 0
+    out = capsys.readouterr().out
+    died = DIED_ERROR.format(pid=trainer.pid)
+    assert f"run {run_id} was RUNNING; ended KILLED ({died})" in out.splitlines()
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == died
+    assert jobs_cli.main(["--jobs-root", str(tmp_path / "no-jobs"), "reap"]) == 0
+    assert run_id not in capsys.readouterr().out  # reaping twice changes nothing
 
 
 @pytest.mark.parametrize(
@@ -269,8 +316,9 @@ def test_a_died_job_with_a_running_run_is_reconciled_once(tmp_path, client, stor
     )
     info = list_jobs(tmp_path)[0]
     assert info.state == "died" and info.run_id == run_id
+    assert f"MLflow run {run_id} was still RUNNING and has been ended KILLED" in info.reason
     run = client.get_run(run_id)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "KILLED"
     assert run.data.tags["error"] == DIED_ERROR.format(pid=gone_pid)
     assert json.loads((job_dir / "reconciled.json").read_text())["previous_status"] == "RUNNING"
 
@@ -279,6 +327,24 @@ def test_a_died_job_with_a_running_run_is_reconciled_once(tmp_path, client, stor
 
     monkeypatch.setattr(jobs, "_reconcile", no_mlflow)
     assert get_job(job_dir.name, tmp_path).state == "died"
+
+
+def test_a_died_job_leaves_alone_a_run_another_process_has_resumed(tmp_path, client, store_uri, gone_pid):
+    me = psutil.Process()
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), PROCESS_START_TAG: repr(me.create_time())}
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id, tags=tags).info.run_id
+    make_job(
+        tmp_path,
+        "20260101-000001-aaaaaa",
+        pid=gone_pid,
+        create_time=1.0,
+        tracking_uri=store_uri,
+        run={"run_id": run_id},
+    )
+    [info] = list_jobs(tmp_path)
+    assert info.state == "died" and f"now trained by process {me.pid}" in info.reason
+    assert client.get_run(run_id).info.status == "RUNNING"
+    client.set_terminated(run_id, "FINISHED")
 
 
 def test_an_unreadable_store_shows_in_the_reason_without_breaking_the_listing(tmp_path, gone_pid):
@@ -388,3 +454,120 @@ def test_log_tail(tmp_path):
     info.log_path.write_text("".join(f"line {i}\n" for i in range(1000)))
     assert info.log_tail(max_lines=2) == "line 998\nline 999"
     assert info.log_tail(max_lines=1000, max_bytes=100).splitlines()[0].startswith("line 9")
+
+
+# -- reaping runs whose process is gone, and the jobs CLI ---------------------------------------------------------
+
+
+def test_reap_ends_only_this_hosts_running_runs_whose_process_is_gone(client, store_uri, gone_pid):
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    me = psutil.Process()
+    here = socket.gethostname()
+
+    def run(status="RUNNING", **tags) -> str:
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    def process(host, pid, started):
+        return {HOST_TAG: host, PID_TAG: str(pid), PROCESS_START_TAG: repr(started)}
+
+    dead = run(**process(here, gone_pid, 1.0))
+    reused = run(**process(here, me.pid, me.create_time() - 3600))  # the pid now belongs to another process
+    alive = run(**process(here, me.pid, me.create_time()))
+    elsewhere = run(**process("another-machine.example", gone_pid, 1.0))
+    untagged = run()
+    legacy_job = run(**{"studio.job_pid": str(gone_pid)})  # no host, no start time: left to the job's reconciliation
+    garbled = run(**process(here, "x", "soon"))
+    finished = run("FINISHED", **process(here, gone_pid, 1.0))
+
+    reaped = {r.run_id: r for r in jobs.reap_orphan_runs(store_uri)}
+    assert {dead, reused} <= set(reaped)
+    assert not {alive, elsewhere, untagged, legacy_job, garbled, finished} & set(reaped)
+    assert reaped[dead].status == "KILLED" and reaped[dead].pid == gone_pid and reaped[dead].job_id is None
+    for run_id in (dead, reused):
+        ended = client.get_run(run_id)
+        assert ended.info.status == "KILLED" and ended.data.tags["error"].startswith("training process ")
+    assert {client.get_run(r).info.status for r in (alive, elsewhere, untagged, legacy_job, garbled)} == {"RUNNING"}
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert not {dead, reused} & {r.run_id for r in jobs.reap_orphan_runs(store_uri)}  # done once
+    for run_id in (alive, elsewhere, untagged, legacy_job, garbled):  # not to be found by later tests' reaps
+        client.set_terminated(run_id, "FINISHED")
+
+
+def test_reap_reports_jobs_and_stores_it_could_not_check_and_still_does_the_rest(tmp_path, client, store_uri, gone_pid):
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    died = make_job(
+        tmp_path,
+        "20260101-000001-aaaaaa",
+        pid=gone_pid,
+        create_time=1.0,
+        tracking_uri=store_uri,
+        run={"run_id": run_id},
+    )
+    make_job(
+        tmp_path,
+        "20260101-000002-bbbbbb",
+        pid=gone_pid,
+        create_time=1.0,
+        tracking_uri=f"sqlite:///{tmp_path / 'broken.db'}",
+        run={"run_id": "0" * 32},
+    )
+    (tmp_path / "broken.db").write_text("this is not SQLite")
+    report = jobs.reap(tmp_path, tracking_uri=store_uri)
+    [mine] = [r for r in report.reaped if r.job_id == died.name]
+    assert (mine.run_id, mine.status, mine.reason) == (run_id, "KILLED", DIED_ERROR.format(pid=gone_pid))
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(report.problems) == 1 and report.problems[0].startswith("job 20260101-000002-bbbbbb: could not check")
+    again = jobs.reap(tmp_path, tracking_uri=store_uri)
+    assert died.name not in {r.job_id for r in again.reaped}  # reconciled once
+    assert len(again.problems) == 1  # the broken store is tried again each time
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """pipelines.jobs as its __main__ runs it (pipelines.cli.run): exit code, stdout, stderr."""
+    from pipelines.cli import run
+
+    with pytest.raises(SystemExit) as exited:
+        run(jobs_cli.main, argv)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def test_the_jobs_cli_lists_a_table_and_json_and_refuses_unknown_jobs_in_one_line(tmp_path, gone_pid, capsys):
+    me = psutil.Process()
+    running = make_job(
+        tmp_path, "20260101-000002-bbbbbb", pid=me.pid, create_time=me.create_time(), run={"run_id": "f" * 32}
+    )
+    (running / "progress.json").write_text(json.dumps({"step": 7, "max_steps": 50}))
+    meta = json.loads((running / "job.json").read_text())
+    (running / "job.json").write_text(json.dumps({**meta, "label": "my run"}))
+    make_job(tmp_path, "20260101-000001-aaaaaa", pid=gone_pid, create_time=1.0)
+    root = ["--jobs-root", str(tmp_path)]
+
+    code, out, _ = run_cli([*root, "list"], capsys)
+    assert code == 0
+    header, first, second = out.splitlines()
+    assert header.split() == ["JOB", "ID", "STATE", "PID", "RUN", "ID", "STEP", "LABEL"]
+    assert first.split() == ["20260101-000002-bbbbbb", "running", str(me.pid), "f" * 32, "7/50", "my", "run"]
+    assert second.split() == ["20260101-000001-aaaaaa", "died", str(gone_pid), "-", "-", "-"]
+    code, out, _ = run_cli([*root, "list", "--json"], capsys)
+    listed = json.loads(out)
+    assert [(j["job_id"], j["state"], j["step"], j["max_steps"]) for j in listed] == [
+        ("20260101-000002-bbbbbb", "running", 7, 50),
+        ("20260101-000001-aaaaaa", "died", None, None),
+    ]
+    assert "exited without finishing" in listed[1]["reason"]
+
+    code, out, err = run_cli([*root, "cancel", "20260101-000001-aaaaaa"], capsys)
+    assert code == 0 and out.startswith("job 20260101-000001-aaaaaa had already ended died")
+    for argv, fragment in [
+        ([*root, "cancel", "20260101-000009-cccccc"], "no job 20260101-000009-cccccc"),
+        ([*root, "cancel", "../job"], "invalid job id"),
+        ([*root, "cancel", "20260101-000001-aaaaaa", "--timeout", "-1"], "--timeout"),
+        ([*root, "frobnicate"], "invalid choice"),
+    ]:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert [j.state for j in list_jobs(tmp_path)] == ["running", "died"]  # nothing was signalled

@@ -367,6 +367,41 @@ def test_pyfunc_input_and_params_are_validated():
         sample_config_from_params({"temprature": 1.0})
 
 
+def test_pyfunc_predict_answers_any_text_and_refuses_bad_requests_as_invalid(tiny_model, monkeypatch):
+    """What a scoring server answers with HTTP 400 (INVALID_PARAMETER_VALUE), checked on predict itself."""
+    from core.pyfunc_model import ShakespeareGPTModel
+
+    pyfunc = ShakespeareGPTModel()
+    pyfunc.model = tiny_model  # as load_context leaves it
+    prompts = ["🎭 中文 \x00\x1b[0m", "Now is the winter of our discontent " * 20]
+    out = pyfunc.predict(None, pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 3, "num_samples": 2})
+    assert list(out["prompt"]) == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert all(text.startswith(prompt) for prompt, text in zip(out["prompt"], out["text"], strict=True))
+
+    bad_requests = [
+        ("ROMEO:", {"num_samples": 17}, "num_samples must be between 1 and 16"),
+        ("ROMEO:", {"max_new_tokens": 0}, "max_new_tokens must be between 1 and 4096"),
+        ("ROMEO:", {"top_p": 1.5}, "top_p must be in"),
+        ("ROMEO:", {"top_k": 0}, "top_k must be a positive integer"),
+        ("ROMEO:", {"seed": -1}, "seed must be a non-negative integer"),
+        (pd.DataFrame({"prompt": ["ROMEO:", "  "]}), {}, "prompt 1 is empty"),
+        # JSON may carry a lone "\udce9" (as records: a pandas string column cannot even hold it).
+        ([{"prompt": "caf\udce9"}], {"max_new_tokens": 2}, "lone surrogate"),
+    ]
+    for model_input, params, message in bad_requests:
+        with pytest.raises(MlflowException, match=message) as caught:
+            pyfunc.predict(None, model_input, params=params)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(tiny_model, "forward", exhausted)
+    with pytest.raises(MlflowException, match=r"allocation of 2.00 GiB failed\); ask for fewer samples") as caught:
+        pyfunc.predict(None, pd.DataFrame({"prompt": ["ROMEO:"]}), params={"num_samples": 16})
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
 def _clean_env(store_uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=store_uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")

@@ -151,3 +151,38 @@ def test_stream_yields_the_same_text_as_generate(tiny_model, tokenizer):
     joined = ["".join(step[i] for step in steps) for i in range(2)]
     assert joined == generate(tiny_model, tokenizer, "Emoji 🎭 and 中文:", config).continuations
     assert stream.result().continuations == joined
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Emoji 🎭👑🗡️ and a flag 🏴󠁧󠁢󠁥󠁮󠁧󠁿",
+        "中文：生存还是毁灭，这是一个问题",
+        "Controls\x00\x07\x1b[31m red\x1b[0m\r\n\ttab\x7f\u200b",
+        "<|endoftext|>",  # plain text to the tokenizer, never the special token
+    ],
+)
+def test_any_text_prompt_gives_text(tiny_model, tokenizer, prompt):
+    result = generate(tiny_model, tokenizer, prompt, SampleConfig(max_new_tokens=8, num_samples=2, seed=3))
+    assert len(result.samples) == 2
+    assert all(sample.startswith(prompt) and isinstance(sample, str) for sample in result.samples)
+    assert all(0 <= n <= 8 for n in result.new_tokens)
+    assert result.prompt_tokens == min(len(tokenizer.encode(prompt)), tiny_model.config.block_size)
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9", "\ud83c alone", "ROMEO:\udfff"])
+def test_a_prompt_with_a_lone_surrogate_is_refused(tiny_model, tokenizer, prompt):
+    # How Python carries a command-line argument that was not UTF-8, or a JSON "\ud83c" without its pair.
+    with pytest.raises(UsageError, match="lone surrogate"):
+        generate(tiny_model, tokenizer, prompt, SampleConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p"), [(5e-324, 1.0), (1e-40, 1.0), (1e-12, 0.5), (1.0, 5e-324), (1.0, 1e-45)]
+)
+def test_extreme_temperatures_and_top_p_are_greedy_not_nan(tiny_model, tokenizer, temperature, top_p):
+    # Values below float32's range used to become NaN probabilities, which torch.multinomial refuses.
+    greedy = generate(tiny_model, tokenizer, "KING:", SampleConfig(max_new_tokens=6, temperature=0))
+    for top_k in (None, 50):
+        config = SampleConfig(max_new_tokens=6, temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+        assert generate(tiny_model, tokenizer, "KING:", config).samples == greedy.samples

@@ -79,3 +79,27 @@ def test_params_are_logged_in_batches(client_and_run):
 def test_git_commit_is_a_hash():
     commit = git_commit()
     assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40
+
+
+def test_a_resumed_runs_logger_keeps_the_samples_and_skips_steps_already_logged(client_and_run):
+    from core.tracking import format_samples, parse_samples
+
+    client, run_id = client_and_run
+    first = MlflowLogger(client, run_id, asynchronous=False)
+    for step in range(1, 7):
+        first.on_step(step, {"loss": float(step)})
+    first.on_sample(4, "ROMEO: one\n\nand two")
+    first.close()
+
+    # Resumed from a checkpoint at step 4 after the first process had logged through step 6.
+    samples = parse_samples(format_samples(first.samples))
+    assert samples == [(4, "ROMEO: one\n\nand two")]
+    resumed = MlflowLogger(client, run_id, asynchronous=False, samples=samples, logged_through={"loss": 6})
+    for step in range(5, 9):
+        resumed.on_step(step, {"loss": 100.0 + step, "lr": 1e-3})
+    resumed.on_sample(8, "JULIET: three")
+    resumed.close()
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == [(s, float(s)) for s in range(1, 7)] + [(7, 107.0), (8, 108.0)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == [5, 6, 7, 8]  # new to the run
+    assert resumed.samples == [(4, "ROMEO: one\n\nand two"), (8, "JULIET: three")]

@@ -333,3 +333,104 @@ def test_schedule_works_for_every_run_length(max_steps, warmup):
     if warmup * (max_steps + 1) >= 1:  # a warm-up of at least one step starts from lr / div_factor
         assert rates[0] == pytest.approx(1e-3 / config.div_factor)
     assert max(rates) <= 1e-3 * (1 + 1e-9) and min(rates) > 0
+
+
+# ---- resumable checkpoints: stop, resume, same training ----
+
+
+def resume_trainer(small_corpus, tmp_path, callbacks=(), **train_fields):
+    """A trainer whose every step draws on the RNGs a resume must restore: dropout, random batch windows."""
+    data = DataConfig(
+        source=str(small_corpus), cache_dir=str(tmp_path / "data"), batch_size=4, block_size=32, order="random"
+    )
+    fields = {
+        "max_steps": 8,
+        "eval_interval": 3,
+        "eval_batches": 2,
+        "sample_interval": 4,
+        "sample_tokens": 4,
+        "checkpoint_interval": 2,
+        "patience": 5,
+        "device": "cpu",
+        "lr": 3e-3,
+        "target_loss": 0,
+    }
+    model = dataclasses.replace(MODEL, dropout=0.1)
+    return Trainer(model, data, TrainConfig(**{**fields, **train_fields}), list(callbacks))
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step, self.trainer = step, None
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            self.trainer.request_stop("SIGTERM")
+
+
+def test_stopping_and_resuming_gives_the_same_training_as_running_straight(small_corpus, tmp_path):
+    straight = Recorder()
+    # Writing checkpoints must not change the training either: the straight run writes none.
+    reference = resume_trainer(small_corpus, tmp_path, [straight], checkpoint_interval=0)
+    reference.fit(tmp_path / "straight")
+
+    first = Recorder()
+    stop = StopAt(5)  # not a multiple of the checkpoint, eval or sample interval: the stop writes its own checkpoint
+    stopped = resume_trainer(small_corpus, tmp_path, [first, stop])
+    stop.trainer = stopped
+    assert stopped.fit(tmp_path / "resumed").stop_reason == "stopped: SIGTERM"
+
+    second = Recorder()
+    resumed = resume_trainer(small_corpus, tmp_path, [second])
+    checkpoint = tmp_path / "resumed" / "resume" / "step-00000005"
+    assert resumed.load_training_state(checkpoint) == 5
+    result = resumed.fit(tmp_path / "resumed")
+
+    assert [s for s, _ in second.steps] == [6, 7, 8]
+    assert second.summary["start_step"] == 5
+    losses = [(s, m["loss"], m["avg_loss"], m["best_loss"], m["lr"]) for s, m in first.steps + second.steps]
+    assert losses == [(s, m["loss"], m["avg_loss"], m["best_loss"], m["lr"]) for s, m in straight.steps]
+    # The stopped training's final evaluation at step 5 is extra; every other one is the straight run's.
+    assert first.evals[:-1] + second.evals == straight.evals and first.evals[-1][0] == 5
+    assert [s for s, _ in straight.evals] == [3, 6, 8]
+    assert [s for s, _ in second.samples] == [8] and second.samples == straight.samples[-1:]
+    for (name, a), (other, b) in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert name == other
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert result.best_val_step == reference._loop.best_val_step
+    assert result.best_val_loss == pytest.approx(reference._loop.best_val, abs=1e-6)
+
+
+def test_checkpoints_are_written_every_interval_and_at_the_end_keeping_the_newest(small_corpus, tmp_path):
+    from core.checkpoint import latest_resumable_checkpoint, list_resumable_checkpoints, load_resumable_checkpoint
+
+    trainer = resume_trainer(small_corpus, tmp_path, max_steps=7, keep_checkpoints=2, eval_interval=0)
+    trainer.fit(tmp_path / "out")
+    assert [p.name for p in list_resumable_checkpoints(tmp_path / "out")] == ["step-00000006", "step-00000007"]
+    latest = load_resumable_checkpoint(latest_resumable_checkpoint(tmp_path / "out"))
+    assert latest.step == 7
+    names = {name for name, _ in trainer.model.named_parameters()}
+    assert set(latest.tensors["optimizer"]) == {f"{k}/{n}" for k in ("exp_avg", "exp_avg_sq", "step") for n in names}
+    assert "best" not in latest.tensors  # no evaluation, no best weights
+    assert latest.state["trainer"]["window"] == pytest.approx(list(trainer._loop.window))
+
+    off = resume_trainer(small_corpus, tmp_path, max_steps=2, checkpoint_interval=0)
+    off.fit(tmp_path / "off")
+    assert not (tmp_path / "off" / "resume").exists()
+
+
+def test_a_checkpoint_of_another_training_is_refused_and_changes_nothing(small_corpus, tmp_path):
+    from core.checkpoint import CheckpointError
+
+    resume_trainer(small_corpus, tmp_path, max_steps=3).fit(tmp_path / "out")
+    other = resume_trainer(small_corpus, tmp_path, max_steps=3, lr=1e-3)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    batch_rng, global_rng = other.batches.generator.get_state(), torch.get_rng_state()
+    with pytest.raises(CheckpointError, match="lr is 0.003 there, 0.001 here"):
+        other.load_training_state(tmp_path / "out" / "resume" / "step-00000003")
+    assert other._loop.step == 0 and not other.optimizer.state
+    assert torch.equal(other.batches.generator.get_state(), batch_rng)
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())

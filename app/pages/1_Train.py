@@ -10,6 +10,7 @@ import streamlit as st
 import studio_ui as ui
 
 from core.config import PRESETS, TINY_SHAKESPEARE_URL, DataConfig, ModelConfig, TrainConfig
+from core.data import UPLOADS_FOLDER, store_upload
 from core.device import DEVICE_CHOICES
 from core.jobs import cancel_job, delete_job, list_jobs, start_job
 from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPO_ROOT, tracking_uri
@@ -124,6 +125,11 @@ with st.form("train"):
             help="the reference trains on B·T = 2,048 tokens per step",
         )
         data_source = st.text_input("Corpus (file or URL)", source)
+        upload = st.file_uploader(
+            "…or upload a text corpus",
+            help=f"a UTF-8 text file of up to {st.get_option('server.maxUploadSize')} MB, used instead of the field "
+            "above; it is kept under data/uploads/",
+        )
         device = st.selectbox("Device", DEVICE_CHOICES, help="auto picks CUDA, then MPS, then CPU")
     with optimisation:
         st.markdown("**Optimisation and stopping**")
@@ -149,6 +155,13 @@ with st.form("train"):
     with buttons[1]:
         st.form_submit_button("Update estimate", help="recompute the estimate below without starting")
 
+if upload is not None:
+    # Stored once per content (the name carries its hash), so reruns and the training job read the same file.
+    stored = ui.safely(
+        "The uploaded corpus cannot be used", store_upload, upload.name, upload.getvalue(), REPO_ROOT / "data"
+    )
+    data_source = str(stored)
+    st.caption(f"Corpus: the uploaded file, stored as `data/{UPLOADS_FOLDER}/{stored.name}`")
 facts = ui.safely("The corpus cannot be used", corpus_facts, data_source)
 model_config = ModelConfig.from_preset(preset)
 history = earlier_step_times(preset, int(batch), int(block), device if device != "auto" else "cpu")
@@ -278,6 +291,7 @@ def jobs_panel() -> None:
     if "job_error" in st.session_state:
         st.error(st.session_state.pop("job_error"))
     jobs = ui.safely("Reading the training jobs failed", list_jobs)
+    ui.show_reaped_runs(uri)  # runs started outside the app (a terminal) whose process died; at most every 30 s
     active = sum(job.is_active for job in jobs)
     st.subheader(f"Training jobs ({active} running)" if jobs else "Training jobs")
     st.caption(f"Refreshed every {REFRESH_S:g} s · {time.strftime('%H:%M:%S')}")

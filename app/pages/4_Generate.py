@@ -9,6 +9,7 @@ import streamlit as st
 import studio_ui as ui
 
 from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP, SampleConfig
+from core.errors import StudioError
 from core.sampling import TextStream
 from core.store import tracking_uri
 from core.tokenizer import get_tokenizer
@@ -16,6 +17,7 @@ from core.tokenizer import get_tokenizer
 # Redraw the streaming samples at most this often: a redraw per token would cost more than the token.
 REDRAW_S = 0.1
 COLUMNS_PER_ROW = 3
+SEED_DIGITS = 19  # 2^63 - 1, the largest seed, has 19 digits
 
 ui.setup_page("Generate", "✒️")
 uri = tracking_uri()
@@ -75,8 +77,12 @@ if go:
     if not prompt.strip():
         st.error("Write a prompt for the model to continue, e.g. ROMEO:")
         st.stop()
-    if seed_text.strip() and not seed_text.strip().isdigit():
-        st.error(f"The seed must be a whole number ≥ 0, got {seed_text!r}; leave it empty for a random one.")
+    seed = seed_text.strip()
+    # isdecimal, not isdigit: "²" is a digit, but int() refuses it. The length keeps int() far from its digit limit.
+    if seed and not (seed.isdecimal() and len(seed) <= SEED_DIGITS):
+        st.error(
+            f"The seed must be a whole number from 0 to 2^63 − 1, got {seed_text!r}; leave it empty for a random one."
+        )
         st.stop()
     config = ui.safely(
         "Invalid settings",
@@ -86,7 +92,7 @@ if go:
         temperature=float(temperature),
         top_k=int(top_k) or None,
         top_p=float(top_p),
-        seed=int(seed_text) if seed_text.strip() else None,
+        seed=int(seed) if seed else None,
     )
     stream = ui.safely("Generation failed", TextStream, model, tokenizer(), prompt, config)
     if stream.prompt_cropped:
@@ -112,13 +118,17 @@ if go:
         unsafe_allow_html=True,
     )
     last = 0.0
-    for pieces in stream:
-        texts = [text + piece for text, piece in zip(texts, pieces, strict=True)]
-        if time.perf_counter() - last >= REDRAW_S:
-            draw()
-            result = stream.result()
-            status.caption(f"{sum(result.new_tokens):,} tokens · {result.tokens_per_sec:,.1f} tokens/s")
-            last = time.perf_counter()
+    try:
+        for pieces in stream:
+            texts = [text + piece for text, piece in zip(texts, pieces, strict=True)]
+            if time.perf_counter() - last >= REDRAW_S:
+                draw()
+                result = stream.result()
+                status.caption(f"{sum(result.new_tokens):,} tokens · {result.tokens_per_sec:,.1f} tokens/s")
+                last = time.perf_counter()
+    except StudioError as exc:  # the samples run while streaming: e.g. too many for the device's memory
+        ui.show_error(exc, "Generation failed")
+        st.stop()
     result = stream.result()
     texts = result.samples
     draw()
