@@ -145,6 +145,10 @@ class MlflowLogger(Callback):
         document = format_samples(self.samples)
         self._submit(lambda: self.client.log_text(self.run_id, document, "samples.txt"))
 
+    def before_checkpoint(self, step: int) -> None:
+        # Blocking: once the checkpoint exists, a resumed run never logs these steps again.
+        self.flush()
+
     def on_train_end(self, result: TrainResult) -> None:
         self.flush()
 

@@ -65,6 +65,11 @@ class Callback:
     def on_sample(self, step: int, text: str) -> None:
         """After every periodic sample and the final one."""
 
+    def before_checkpoint(self, step: int) -> None:
+        """Just before a resumable checkpoint of ``step`` is written: make everything reported so far durable (a
+        run resumed from that checkpoint repeats no step up to ``step``, so anything reported and then lost would
+        leave a gap)."""
+
     def on_train_end(self, result: TrainResult) -> None:
         """Once, after the final checkpoint is written (also when training was stopped early)."""
 
@@ -362,6 +367,7 @@ class Trainer:
                 self._emit("on_sample", step, self.sample(step))
             # After the step's evaluation and sample, so a run resumed from here repeats neither.
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+                self._emit("before_checkpoint", step)
                 self.save_training_state(out_dir)
             if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
                 stop_reason = "target_loss"
@@ -375,6 +381,7 @@ class Trainer:
         # Before the final evaluation: the evaluation at a step that is not a multiple of eval_interval would count
         # towards patience and the best weights, which an uninterrupted run never sees.
         if cfg.checkpoint_interval and step != self._saved_step:
+            self._emit("before_checkpoint", step)
             self.save_training_state(out_dir)
         if cfg.eval_interval and step > run.last_eval_step:
             run_eval(step)

@@ -103,3 +103,14 @@ def test_a_resumed_runs_logger_keeps_the_samples_and_skips_steps_already_logged(
     assert loss == [(s, float(s)) for s in range(1, 7)] + [(7, 107.0), (8, 108.0)]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == [5, 6, 7, 8]  # new to the run
     assert resumed.samples == [(4, "ROMEO: one\n\nand two"), (8, "JULIET: three")]
+
+
+def test_points_are_stored_before_a_checkpoint_is_written(client_and_run):
+    """A resumed run never logs the steps up to its checkpoint again, so they must be stored before it exists."""
+    client, run_id = client_and_run
+    logger = MlflowLogger(client, run_id, flush_interval=3600)  # the background thread would not flush in time
+    for step in range(1, 6):
+        logger.on_step(step, {"loss": 10.0 - step})
+    logger.before_checkpoint(5)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    logger.close()

@@ -434,3 +434,20 @@ def test_a_checkpoint_of_another_training_is_refused_and_changes_nothing(small_c
     assert torch.equal(other.batches.generator.get_state(), batch_rng)
     assert torch.equal(torch.get_rng_state(), global_rng)
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+
+
+def test_the_trainer_announces_every_checkpoint_before_writing_it(small_corpus, tmp_path):
+    """Callbacks hear of a resumable checkpoint before it exists, so a logger can store its points first."""
+    seen: list[tuple[int, bool]] = []
+
+    class CheckpointWatcher(Callback):
+        def before_checkpoint(self, step: int) -> None:
+            seen.append((step, (tmp_path / "out" / "resume" / f"step-{step:08d}").exists()))
+
+    trainer, _ = make_trainer(
+        small_corpus, tmp_path, max_steps=7, checkpoint_interval=3, eval_interval=0, sample_interval=0, target_loss=0
+    )
+    trainer.callbacks.append(CheckpointWatcher())
+    trainer.fit(tmp_path / "out")
+    assert seen == [(3, False), (6, False), (7, False)]
+    assert (tmp_path / "out" / "resume" / "step-00000007").is_dir()
