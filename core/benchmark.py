@@ -346,8 +346,8 @@ def training(
     """Training tokens/s of one config at B×T = :data:`TRAIN_SHAPE`: the studio's step (fused LM head + cross
     entropy, backward, clipping at 0.5, AdamW as the trainer builds it) against ``GPT2LMHeadModel(labels=...)``
     with the same AdamW settings and clipping, from identical weights on identical batches. Steps alternate
-    between the two; medians of ``steps`` timed steps after ``warmup`` one-sequence steps. ``config`` and
-    ``shape`` replace the preset's shape and (B, T) (for tests)."""
+    between the two; medians of ``steps`` timed steps after ``warmup`` untimed ones. ``config`` and ``shape``
+    replace the preset's shape and (B, T) (for tests)."""
     from core.trainer import build_optimizer, build_scheduler
 
     config = config or TRAIN_CONFIGS[preset]
@@ -365,14 +365,12 @@ def training(
         lr=train_config.lr,
         betas=(train_config.beta1, train_config.beta2),
         eps=train_config.eps,
+        fused=True,  # the same (fused) AdamW kernel as ours: the rows compare the models and losses, not optimizers
     )
     generator = torch.Generator().manual_seed(BENCH_SEED)
-    # Warm-up steps take one sequence: enough to create AdamW's state and warm the allocator and thread pools, at a
-    # fraction of a full step's cost (a gpt2 step at 8×256 takes 10 to 15 s on a 2-core CPU).
-    batches = [
-        torch.randint(0, config.vocab_size, (1 if i < warmup else B, T + 1), generator=generator)
-        for i in range(steps + warmup)
-    ]
+    # Full-size warm-up steps: the first steps at a shape are slower (AdamW's state is created, and the allocator
+    # only learns to keep large blocks, such as the reference's full logits, after freeing a few of them).
+    batches = [torch.randint(0, config.vocab_size, (B, T + 1), generator=generator) for _ in range(steps + warmup)]
 
     def ours(batch: torch.Tensor) -> float:
         started = time.perf_counter()

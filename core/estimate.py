@@ -170,7 +170,7 @@ def measure_step(
     """Time real training steps of ``model_config`` at batch ``batch_size`` × ``block_size`` tokens on ``device``.
 
     Each step is what the trainer runs: forward with the trainer's autocast (bf16 on CUDA, fp32 elsewhere), cross
-    entropy, backward, gradient-norm clipping, AdamW (fused on CUDA), on random token ids. ``warmup`` untimed steps
+    entropy, backward, gradient-norm clipping, fused AdamW, on random token ids. ``warmup`` untimed steps
     come first (the first step allocates the optimizer state and warms allocators); the result is the median of
     ``steps`` timed ones.
 

@@ -18,6 +18,7 @@ and repeats (64 new tokens per generation) and leaves out compare_fetch, whose r
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,7 +45,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (under 3 minutes)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these rows")
-    parser.add_argument("--data", default=TINY_SHAKESPEARE_URL, help="corpus for the training rows")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL,
+        help="corpus of the log_overhead row (default: $SHAKESPEARE_SOURCE, else Tiny Shakespeare's URL)",
+    )
     return parser
 
 
@@ -57,23 +62,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     selected = args.only or [s for s in SECTIONS if not (args.quick and s in SLOW_SECTIONS)]
     machine = benchmark.machine_description()
+    if "log_overhead" in selected:  # a missing or unreadable corpus fails now, not after minutes of other rows
+        from core.data import read_corpus
+
+        read_corpus(args.data)
     rows = []
     for batch in (1, 5):
         if f"generate_b{batch}" in selected:
-            new_tokens, repeats = (64, 3) if args.quick else (256, 5)
+            new_tokens, repeats = (64, 2) if args.quick else (256, 5)
             progress(f"generate_b{batch}: gpt2, {batch} × {new_tokens} sampled tokens vs GPT2LMHeadModel.generate")
             rows.append(benchmark.generation(batch, new_tokens, repeats=repeats, log=progress))
     for preset in benchmark.TRAIN_CONFIGS:
         if f"train_{preset}" in selected:
-            steps = {"tiny": 3, "small": 2, "gpt2": 1}[preset] if args.quick else (3 if preset == "gpt2" else 7)
+            # (warm-up, timed) steps per config; a gpt2 step at 8×256 takes 10 to 15 s on a 2-core CPU.
+            quick = {"tiny": (2, 3), "small": (2, 2), "gpt2": (1, 1)}
+            full = {"tiny": (3, 7), "small": (2, 5), "gpt2": (1, 3)}
+            warmup, steps = (quick if args.quick else full)[preset]
             progress(f"train_{preset}: training steps at B×T = 8×256, ours vs a GPT2LMHeadModel step")
-            rows.append(benchmark.training(preset, steps=steps, log=progress))
+            rows.append(benchmark.training(preset, steps=steps, warmup=warmup, log=progress))
     if "first_token" in selected:
         progress("first_token: a registered 124M model to its first sampled token")
         rows.append(benchmark.first_token(repeats=2 if args.quick else 5, log=progress))
     if "log_overhead" in selected:
         progress("log_overhead: tiny preset steps without, with asynchronous and with synchronous MLflow logging")
-        steps, repeats = (10, 2) if args.quick else (40, 3)
+        steps, repeats = (8, 2) if args.quick else (40, 3)
         rows.append(benchmark.logging_overhead(args.data, steps=steps, repeats=repeats, log=progress))
     if "compare_fetch" in selected:
         progress("compare_fetch: 10 runs × 20,000 steps of the 6 charted metrics")
