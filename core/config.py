@@ -29,6 +29,8 @@ MAX_PEAK_TFLOPS = 100_000
 """Largest ``peak_tflops`` a training config accepts: far above any single accelerator, far below FLOP/s units."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_ALIAS = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]{0,127}")
+_RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -249,6 +251,9 @@ class TrainConfig:
     """Decoupled weight decay, applied to 2-D weights only (not to biases, LayerNorms or embeddings' 1-D params)."""
     grad_clip: float = 0.5
     """Clip the global gradient norm to this; 0 disables clipping."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are accumulated into each optimizer step: the global batch is
+    ``batch_size × grad_accum × processes`` sequences."""
     eval_interval: int = 200
     """Compute validation loss and bits per character every this many steps (and at the end); 0 disables."""
     eval_batches: int | None = None
@@ -280,7 +285,7 @@ class TrainConfig:
     """How many resumable checkpoints to keep: the newest; older ones are deleted once a newer one is written."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "avg_window", "sample_tokens", "keep_checkpoints"):
+        for name in ("max_steps", "avg_window", "sample_tokens", "keep_checkpoints", "grad_accum"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, f"train config: {name} must be a positive integer, got {value!r}")
         for name in ("eval_interval", "sample_interval", "checkpoint_interval"):
@@ -367,6 +372,11 @@ class TrackingConfig:
             f"model name {self.register_as!r} is invalid: use letters, digits, '-', '_' or '.'",
         )
         _require(
-            self.alias is None or (_NAME.fullmatch(self.alias) is not None and not self.alias[0].isdigit()),
+            self.alias is None or (isinstance(self.alias, str) and _ALIAS.fullmatch(self.alias) is not None),
             f"alias {self.alias!r} is invalid: use letters, digits, '-' or '_', not starting with a digit",
+        )
+        # Refused now, not by the registry after the whole training: MLflow keeps these for itself.
+        _require(
+            self.alias is None or _RESERVED_ALIAS.fullmatch(self.alias) is None,
+            f"alias {self.alias!r} is reserved by MLflow ('latest' and 'v<number>'); choose another, e.g. champion",
         )

@@ -235,18 +235,38 @@ class TokenBatches:
     fewer than B·T + 1 tokens remain: an epoch is ``(n_tokens - 1) // (B·T)`` batches. ``random`` draws B windows
     at independent random offsets, reproducibly from the seed. ``state_dict`` / ``load_state_dict`` capture the
     position so a resumed run continues with the same batches.
+
+    In a job of ``world_size`` processes, every process walks the same global batches of ``batch_size ×
+    world_size`` rows and reads only its own shard of them, rows ``[rank · B, (rank + 1) · B)``: together the
+    processes see exactly the batches one process with ``batch_size × world_size`` would see.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, order: str = "sequential", seed: int = 0):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        block_size: int,
+        order: str = "sequential",
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if order not in ("sequential", "random"):
             raise ValueError(f"order must be 'sequential' or 'random', got {order!r}")
-        needed = batch_size * block_size + 1 if order == "sequential" else block_size + 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        global_batch = batch_size * world_size
+        needed = global_batch * block_size + 1 if order == "sequential" else block_size + 1
         if len(tokens) < needed:
+            per_rank = f" × {world_size} processes" if world_size > 1 else ""
             raise UsageError(
-                f"the corpus split has {len(tokens)} tokens, too few for batch_size={batch_size} × "
+                f"the corpus split has {len(tokens)} tokens, too few for batch_size={batch_size}{per_rank} × "
                 f"block_size={block_size} ({needed} needed); use a smaller batch or block size or a longer corpus"
             )
         self.tokens = tokens
+        self.rank = rank
+        self.world_size = world_size
         self.batch_size = batch_size
         self.block_size = block_size
         self.order = order
@@ -256,18 +276,22 @@ class TokenBatches:
     @property
     def batches_per_epoch(self) -> int:
         """Number of distinct sequential batches in one pass over the tokens."""
-        return (len(self.tokens) - 1) // (self.batch_size * self.block_size)
+        return (len(self.tokens) - 1) // (self.batch_size * self.world_size * self.block_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), both int64 of shape (B, T)."""
+        """The next (x, y) of this process's shard, both int64 of shape (B, T)."""
         B, T = self.batch_size, self.block_size
+        global_rows = B * self.world_size
         if self.order == "sequential":
-            window = torch.from_numpy(self.tokens[self.position : self.position + B * T + 1].astype(np.int64))
-            self.position += B * T
-            if self.position + B * T + 1 > len(self.tokens):
+            start = self.position + self.rank * B * T
+            window = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
+            self.position += global_rows * T
+            if self.position + global_rows * T + 1 > len(self.tokens):
                 self.position = 0
             return window[:-1].view(B, T), window[1:].view(B, T)
-        starts = torch.randint(len(self.tokens) - T, (B,), generator=self.generator).tolist()
+        # Every process draws the whole global batch's offsets, so the generators stay in step, and keeps its rows.
+        all_starts = torch.randint(len(self.tokens) - T, (global_rows,), generator=self.generator)
+        starts = all_starts[self.rank * B : (self.rank + 1) * B].tolist()
         rows = [torch.from_numpy(self.tokens[s : s + T + 1].astype(np.int64)) for s in starts]
         stacked = torch.stack(rows)  # (B, T+1)
         return stacked[:, :-1], stacked[:, 1:]

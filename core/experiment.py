@@ -11,11 +11,16 @@ set back to RUNNING, trains on from its latest resumable checkpoint with the con
 already logged (it may have got past its last checkpoint before dying) is not logged again, so every step keeps
 exactly one point. Every refusal (unknown run, a FINISHED or RUNNING run, no checkpoint, a corrupt or foreign one)
 happens before anything in the store changes.
+
+In a torchrun job (``dist``, see :mod:`core.distributed`) every process trains, but only rank 0 talks to MLflow: it
+creates the one run of the job (with ``world_size`` among its params), logs, writes the checkpoints and registers
+the model; it sends the run id to the other ranks, which train silently beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -30,6 +35,7 @@ from mlflow.entities import RunTag
 
 from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_training_state
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+from core.distributed import SINGLE, DistContext, broadcast_text
 from core.errors import UsageError
 from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, sqlite_path
 from core.store import tracking_uri as current_tracking_uri
@@ -59,8 +65,11 @@ class TrainingOutcome:
     """Registered version number."""
 
 
-def run_params(model: ModelConfig, data: DataConfig, train: TrainConfig, tracking: TrackingConfig) -> dict:
-    """Every hyperparameter and model-config field, flat. The model's block_size is logged as ``context``."""
+def run_params(
+    model: ModelConfig, data: DataConfig, train: TrainConfig, tracking: TrackingConfig, world_size: int = 1
+) -> dict:
+    """Every hyperparameter and model-config field, flat. The model's block_size is logged as ``context``;
+    ``batch_size`` is per process, ``global_batch_size`` = batch_size × grad_accum × ``world_size``."""
     params: dict[str, object] = {"preset": tracking.preset}
     params.update({("context" if k == "block_size" else k): v for k, v in model.to_dict().items()})
     params.update({("data_source" if k == "source" else k): v for k, v in dataclasses.asdict(data).items()})
@@ -70,6 +79,8 @@ def run_params(model: ModelConfig, data: DataConfig, train: TrainConfig, trackin
     params.update(
         {"register_as": tracking.register_as, "alias": tracking.alias, "register_best": tracking.register_best}
     )
+    params["world_size"] = world_size
+    params["global_batch_size"] = data.batch_size * train.grad_accum * world_size
     return params
 
 
@@ -104,12 +115,17 @@ def run_training(
     callbacks: Iterable[Callback] = (),
     *,
     on_run_created=None,
+    dist: DistContext = SINGLE,
 ) -> TrainingOutcome:
     """Train with every step logged to MLflow and register the resulting checkpoint.
 
     ``on_run_created(run_id)`` is called as soon as the run exists (e.g. to record a background job's run id).
+    On ranks other than 0 of a torchrun job, nothing is logged and ``callbacks`` and ``on_run_created`` are unused.
     """
-    trainer = Trainer(model_config, data_config, train_config)  # validates device, corpus and shapes first
+    # Validates device, corpus and shapes first (on every rank, so a bad input stops every process alike).
+    trainer = Trainer(model_config, data_config, train_config, dist=dist)
+    if not dist.is_main:
+        return _follow(trainer, tracking)
     client = connect(tracking.tracking_uri)
     experiment_id = ensure_experiment(client, tracking.experiment)
     summary_tags = run_tags(
@@ -123,14 +139,29 @@ def run_training(
     if on_run_created is not None:
         on_run_created(run_id)
     logger = MlflowLogger(client, run_id)
-    checkpoint_root = Path(tracking.checkpoint_root) if tracking.checkpoint_root else default_checkpoint_root()
-    out_dir = checkpoint_root / run_id
+    out_dir = _checkpoint_root(tracking) / run_id
+    if dist.enabled:
+        broadcast_text(run_id, dist)  # the other ranks wait for it before their first step
 
     def start() -> None:
         client.set_tag(run_id, CHECKPOINT_DIR_TAG, str(out_dir.resolve()))
-        log_params(client, run_id, run_params(model_config, data_config, train_config, tracking))
+        log_params(client, run_id, run_params(model_config, data_config, train_config, tracking, dist.world_size))
 
     return _train_and_end(client, run_id, trainer, tracking, [logger, *callbacks], out_dir, start)
+
+
+def _checkpoint_root(tracking: TrackingConfig) -> Path:
+    return Path(tracking.checkpoint_root) if tracking.checkpoint_root else default_checkpoint_root()
+
+
+def _follow(trainer: Trainer, tracking: TrackingConfig, run_id: str | None = None) -> TrainingOutcome:
+    """A rank other than 0: take the run id from rank 0 (unless known), then train beside it, logging nothing."""
+    run_id = broadcast_text(None, trainer.dist) if run_id is None else run_id
+    trainer.callbacks = []
+    with _stop_on_signals(trainer):
+        result = trainer.fit(_checkpoint_root(tracking) / run_id)
+    status = "KILLED" if result.stop_reason.startswith("stopped") else "FINISHED"
+    return TrainingOutcome(run_id, status, result, None, None)
 
 
 def _train_and_end(
@@ -198,7 +229,11 @@ class ResumePoint:
 
 
 def find_resume_point(
-    run_id: str, *, tracking_uri: str | None = None, checkpoint_root: str | Path | None = None
+    run_id: str,
+    *,
+    tracking_uri: str | None = None,
+    checkpoint_root: str | Path | None = None,
+    world_size: int = 1,
 ) -> ResumePoint:
     """Check that run ``run_id`` can be resumed and find its latest resumable checkpoint. Changes nothing.
 
@@ -206,7 +241,7 @@ def find_resume_point(
     run's ``checkpoint_dir`` tag, else under ``mlruns/checkpoints``. Raises :class:`UsageError` for a malformed or
     unknown run id (or a tracking store that does not exist), and for a run that is not KILLED or FAILED;
     :class:`CheckpointError` for a run with no resumable checkpoint, or one that is corrupt or does not match the
-    run's logged params.
+    run's logged params (``world_size`` processes included: a run resumes with as many as it was started with).
     """
     from mlflow.exceptions import MlflowException
 
@@ -248,14 +283,7 @@ def find_resume_point(
             f"run {run_id} has no resumable checkpoint in {out_dir / 'resume'} (trained with --checkpoint-interval 0, "
             "or with another --checkpoint-root?)"
         ) from exc
-    state = read_training_state(checkpoint)
-    try:
-        configs = state["config"]
-        model_config = ModelConfig.from_dict(configs["model"])
-        data_config = DataConfig(**configs["data"])
-        train_config = TrainConfig(**configs["train"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{checkpoint} holds invalid configs: {exc}") from exc
+    step, model_config, data_config, train_config = _checkpoint_configs(checkpoint)
     params = run.data.params
     missing = [k for k in ("preset", "register_as", "alias", "register_best") if k not in params]
     if missing:
@@ -270,7 +298,20 @@ def find_resume_point(
         tracking_uri=uri,
         checkpoint_root=str(out_dir.parent),
     )
-    for key, value in run_params(model_config, data_config, train_config, tracking).items():
+    started_with = int(params.get("world_size", 1))
+    if started_with != world_size:  # each process's shard of the batches depends on their number
+        launcher = (
+            f"torchrun --nproc_per_node={started_with} -m pipelines.train"
+            if started_with > 1
+            else "python -m pipelines.train"
+        )
+        raise UsageError(
+            f"run {run_id} was trained by {started_with} process(es), not {world_size}; resume it with "
+            f"`{launcher} --resume {run_id}`"
+        )
+    for key, value in run_params(model_config, data_config, train_config, tracking, world_size).items():
+        if key not in params and key in _PARAMS_SINCE_DDP and world_size == 1 and train_config.grad_accum == 1:
+            continue  # a run from before multi-process training: one process, no accumulation
         if params.get(key) != str(value):
             raise CheckpointError(
                 f"{checkpoint} does not belong to run {run_id}: its {key} is {value}, the run's is {params.get(key)}"
@@ -279,12 +320,44 @@ def find_resume_point(
     for key in run.data.metrics:
         history = client.get_metric_history(run_id, key)
         logged_through[key] = max((m.step for m in history), default=0)
-    return ResumePoint(
-        run_id, checkpoint, state["step"], model_config, data_config, train_config, tracking, logged_through
-    )
+    return ResumePoint(run_id, checkpoint, step, model_config, data_config, train_config, tracking, logged_through)
 
 
-def resume_training(point: ResumePoint, callbacks: Iterable[Callback] = (), *, on_run_created=None) -> TrainingOutcome:
+_PARAMS_SINCE_DDP = ("world_size", "global_batch_size", "grad_accum")
+
+
+def _checkpoint_configs(checkpoint: Path) -> tuple[int, ModelConfig, DataConfig, TrainConfig]:
+    """The step and the configs stored in a resumable checkpoint."""
+    state = read_training_state(checkpoint)
+    try:
+        configs = state["config"]
+        model_config = ModelConfig.from_dict(configs["model"])
+        data_config = DataConfig(**configs["data"])
+        train_config = TrainConfig(**configs["train"])
+        return int(state["step"]), model_config, data_config, train_config
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint} holds invalid configs: {exc}") from exc
+
+
+def share_resume_point(point: ResumePoint | None, dist: DistContext) -> ResumePoint:
+    """Rank 0's resume point on every rank of a torchrun job (rank 0 passes it, the others None).
+
+    Only the run id and the checkpoint folder travel; the other ranks read the configs from the checkpoint itself.
+    Their point carries no tracking store: they never touch it.
+    """
+    text = broadcast_text(None if point is None else json.dumps([point.run_id, str(point.checkpoint)]), dist)
+    if point is not None:
+        return point
+    run_id, checkpoint = json.loads(text)
+    checkpoint = Path(checkpoint)
+    step, model_config, data_config, train_config = _checkpoint_configs(checkpoint)
+    tracking = TrackingConfig(checkpoint_root=str(checkpoint.parents[2]))
+    return ResumePoint(run_id, checkpoint, step, model_config, data_config, train_config, tracking, {})
+
+
+def resume_training(
+    point: ResumePoint, callbacks: Iterable[Callback] = (), *, on_run_created=None, dist: DistContext = SINGLE
+) -> TrainingOutcome:
     """Continue the run of ``point`` from its checkpoint until a stop rule fires, ending it as
     :func:`run_training` does (FINISHED and registered, KILLED, or FAILED).
 
@@ -293,8 +366,10 @@ def resume_training(point: ResumePoint, callbacks: Iterable[Callback] = (), *, o
     tags and ``resumed_from_step``, loses its ``error`` and ``stop_reason`` tags, is set back to RUNNING, and
     ``on_run_created(run_id)`` is called. The samples artifact keeps the samples up to the checkpoint's step.
     """
-    trainer = Trainer(point.model_config, point.data_config, point.train_config)
+    trainer = Trainer(point.model_config, point.data_config, point.train_config, dist=dist)
     trainer.load_training_state(point.checkpoint)
+    if not dist.is_main:
+        return _follow(trainer, point.tracking, point.run_id)
     client = connect(point.tracking.tracking_uri)
     run_id = point.run_id
     run = client.get_run(run_id)

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
+import torch
 
 from core.errors import StudioError, UsageError
 from core.store import DEFAULT_STORE_DIR, REPO_ROOT, sqlite_path
@@ -121,6 +122,8 @@ DIED_ERROR = "training process {pid} exited without finishing (killed or crashed
 
 _JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 _CREATE_TIME_TOLERANCE = 1.0  # seconds; psutil's start times of one process agree far closer than this
+MAX_PROCESSES = 64
+"""Most training processes one job may start on this machine."""
 _SPAWN_GRACE = 60.0  # seconds a job may stay without a pid before it counts as never started
 _POLL_INTERVAL = 0.1
 _SIGKILL_WAIT = 5.0  # seconds to wait for a SIGKILLed group to disappear
@@ -338,6 +341,10 @@ class JobInfo:
     """The contents of ``result.json``; None while the process runs or if it died."""
     model_name: str | None = None
     model_version: str | None = None
+    trainer_pid: int | None = None
+    """The process that trains the run, from ``run.json``: the job's own, or rank 0's in a torchrun job."""
+    processes: int = 1
+    """Training processes of the job (more than one: started through torchrun)."""
 
     @property
     def log_path(self) -> Path:
@@ -395,12 +402,15 @@ def _absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def validate_train_args(train_args: Sequence[str]) -> None:
+def validate_train_args(train_args: Sequence[str], processes: int = 1) -> None:
     """Check ``train_args`` the way ``python -m pipelines.train`` would, raising :class:`UsageError` (one line).
 
-    Checks the arguments themselves, the config values they make, that a local ``--data`` file exists and that a
-    named ``--device`` is available; ``--job-dir`` and ``--help`` are refused (the job manager owns those).
+    Checks the arguments themselves, the config values they make, that a local ``--data`` file exists, that a
+    named ``--device`` is available, and that ``processes`` can run there (CPU or one GPU each, never MPS);
+    ``--job-dir`` and ``--help`` are refused (the job manager owns those).
     """
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= MAX_PROCESSES:
+        raise UsageError(f"processes must be an integer from 1 to {MAX_PROCESSES}, got {processes!r}")
     from core.data import is_url
     from core.device import resolve_device
     from pipelines.train import build_configs, build_parser
@@ -426,7 +436,11 @@ def validate_train_args(train_args: Sequence[str]) -> None:
         source = Path(data_config.source)
         if not (source if source.is_absolute() else REPO_ROOT / source).is_file():
             raise UsageError(f"corpus file not found: {data_config.source}")
-    resolve_device(train_config.device)
+    device = resolve_device(train_config.device)
+    if processes > 1 and device.type == "mps":
+        raise UsageError("multi-process training does not run on MPS; use 1 process or the CPU device")
+    if processes > 1 and device.type == "cuda" and processes > torch.cuda.device_count():
+        raise UsageError(f"{processes} processes need {processes} GPUs; this machine has {torch.cuda.device_count()}")
 
 
 def start_job(
@@ -435,8 +449,13 @@ def start_job(
     jobs_root: str | Path | None = None,
     tracking_uri: str | None = None,
     label: str | None = None,
+    processes: int = 1,
 ) -> JobInfo:
     """Start ``python -m pipelines.train <train_args> --job-dir <folder>`` as a background job.
+
+    With ``processes`` > 1 the job is a torchrun job of that many training processes on this machine
+    (``python -m torch.distributed.run --standalone --nproc_per_node=N -m pipelines.train ...``); the launcher
+    heads the process group, so cancelling stops every process.
 
     ``train_args`` are validated first (:func:`validate_train_args`): a bad one raises :class:`UsageError` and
     nothing is created or spawned. The process runs in the repository root, in its own session and process group,
@@ -446,7 +465,7 @@ def start_job(
     from core.store import tracking_uri as current_tracking_uri
 
     _require_posix()
-    validate_train_args(train_args)
+    validate_train_args(train_args, processes)
     train_args = [str(a) for a in train_args]
     uri = _absolute_tracking_uri(tracking_uri or current_tracking_uri())
     root = _jobs_root(jobs_root)
@@ -461,8 +480,12 @@ def start_job(
             break
     staging = root / f".{job_id}.staging"
     staging.mkdir()
-    argv = [sys.executable, "-m", "pipelines.train", *train_args, "--job-dir", str(job_dir)]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    argv = [*launcher, "-m", "pipelines.train", *train_args, "--job-dir", str(job_dir)]
     meta: dict[str, Any] = {
+        "processes": processes,
         "job_id": job_id,
         "pid": None,
         "pgid": None,
@@ -609,6 +632,8 @@ def _read_job(job_dir: Path) -> JobInfo:
     run, problem = _read_json(job_dir / RUN_FILE)
     notes.append(problem)
     info.run_id = run.get("run_id") if run else None
+    info.trainer_pid = run.get("pid") if run else None
+    info.processes = meta.get("processes") or 1
     info.progress, problem = _read_json(job_dir / PROGRESS_FILE)
     notes.append(problem)
     info.result, problem = _read_json(job_dir / RESULT_FILE)
@@ -677,7 +702,7 @@ def _reconcile(info: JobInfo) -> JobInfo:
     status = run.info.status
     record: dict[str, Any] = {"run_status": status, "at": time.time(), "exit_code": _exit_codes.get(info.pid)}
     trainer_pid = run.data.tags.get(PID_TAG)
-    if status == "RUNNING" and trainer_pid not in (None, str(info.pid)):
+    if status == "RUNNING" and trainer_pid not in (None, str(info.pid), str(info.trainer_pid)):
         # Another process has taken the run over since (it was resumed): its liveness is not this job's to judge;
         # reap_orphan_runs ends the run if that process dies too.
         record["note"] = f"its MLflow run {info.run_id} is now trained by process {trainer_pid}"

@@ -42,6 +42,7 @@ from core.checkpoint import (
 from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
 from core.device import cpp_compiler, peak_flops, resolve_device
+from core.distributed import SINGLE, DistContext, all_reduce_sum
 from core.errors import UsageError
 from core.hf import load_hf_state_dict
 from core.memory import TRAINING_OOM_HINT, friendly_oom
@@ -189,6 +190,7 @@ class Trainer:
         *,
         tokenizer: Tokenizer | None = None,
         corpus: PreparedCorpus | None = None,
+        dist: DistContext = SINGLE,
     ):
         if data_config.block_size > model_config.block_size:
             raise UsageError(
@@ -199,7 +201,9 @@ class Trainer:
         self.data_config = data_config
         self.config = train_config
         self.callbacks = list(callbacks)
-        self.device = resolve_device(train_config.device)
+        self.dist = dist
+        # In a torchrun job the process's device was fixed when it joined the group (its own GPU on CUDA).
+        self.device = dist.device if dist.device is not None else resolve_device(train_config.device)
         if train_config.compile and self.device.type == "cpu" and cpp_compiler() is None:
             # Inductor would only fail at the first step, after the corpus and the model are ready: refuse now.
             raise UsageError("compiling for the CPU needs a C++ compiler (g++, or $CXX); install one or drop --compile")
@@ -214,11 +218,23 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model_config, data_config.block_size)
         peak_tflops = train_config.peak_tflops
         self.peak_flops = peak_tflops * 1e12 if peak_tflops is not None else peak_flops(self.device)
+        if self.peak_flops is not None:
+            self.peak_flops *= dist.world_size  # MFU of the whole job: its tokens/s against all its devices' peak
         torch.manual_seed(train_config.seed)
         self.model = GPT(model_config).to(self.device)
         if train_config.init_from is not None:  # fine-tune: pretrained weights replace the random initialisation
             self.model.load_state_dict(load_hf_state_dict(train_config.init_from, model_config))
-        self._train_step_model = training_module(self.model, train_config.compile)
+        step_module: torch.nn.Module = self.model
+        self._ddp = None
+        if dist.enabled:
+            # Every rank built the same weights from the same seed (DDP also broadcasts rank 0's on wrapping); from
+            # here on each rank draws its own dropout masks.
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = step_module = DistributedDataParallel(self.model, device_ids=device_ids)
+            torch.manual_seed(train_config.seed + 1 + dist.rank)
+        self._train_step_model = training_module(step_module, train_config.compile)
         # On the CPU the model's default loss is its hand-written chunked LM head + cross-entropy (an autograd
         # Function computing into preallocated buffers), which Inductor (torch 2.13) fails to compile ("KeyError:
         # 'buf1'"). Compiled steps there take the plain logits + F.cross_entropy route instead, which compiles and
@@ -232,6 +248,8 @@ class Trainer:
             data_config.block_size,
             order=data_config.order,
             seed=data_config.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
         self._val_tokens = self.corpus.tokens("val")
         self._stop_reason: str | None = None
@@ -254,8 +272,11 @@ class Trainer:
             "params_by_component": {c["name"]: c["params"] for c in breakdown["components"]},
             "tokens_loaded": self.corpus.train_tokens,
             "val_tokens": self.corpus.val_tokens,
-            "tokens_per_batch": self.data_config.batch_size * self.data_config.block_size,
+            "tokens_per_batch": self.tokens_per_step,
             "batches_per_epoch": self.batches.batches_per_epoch,
+            "world_size": self.dist.world_size,
+            "grad_accum": self.config.grad_accum,
+            "global_batch_size": self.data_config.batch_size * self.dist.world_size * self.config.grad_accum,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "flops_per_token": self.flops_per_token,
@@ -264,6 +285,12 @@ class Trainer:
             "dataset_sha256": self.corpus.meta["sha256"],
             "start_step": self._loop.step,
         }
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step of the whole job: B × T × gradient-accumulation steps × processes."""
+        data = self.data_config
+        return data.batch_size * data.block_size * self.config.grad_accum * self.dist.world_size
 
     def _emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:
@@ -282,11 +309,14 @@ class Trainer:
         for i, (x, y) in enumerate(epoch_batches(self._val_tokens, B, T)):
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
                 break
+            if i % self.dist.world_size != self.dist.rank:
+                continue  # in a torchrun job each process evaluates its share of the batches
             with friendly_oom(TRAINING_OOM_HINT), _autocast(self.device):
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             total += loss.item() * y.numel()
             count += y.numel()
         self.model.train()
+        total, count = all_reduce_sum([total, count], self.dist)
         val_loss = total / count
         meta = self.corpus.meta
         bpc = val_loss * meta["val_tokens"] / meta["val_characters"] / math.log(2)
@@ -310,7 +340,8 @@ class Trainer:
         run = self._loop
         self._emit("on_train_start", self.summary())
         self.model.train()
-        tokens_per_step = self.data_config.batch_size * self.data_config.block_size
+        tokens_per_step = self.tokens_per_step
+        main = self.dist.is_main
         stop_reason = "max_steps"
         loop_start = time.perf_counter()
 
@@ -327,19 +358,14 @@ class Trainer:
             started = time.perf_counter()
             # A batch too large for the device is one line naming --batch-size, not an allocator traceback.
             with friendly_oom(TRAINING_OOM_HINT):
-                x, y = self.batches.next_batch()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 lr = self.optimizer.param_groups[0]["lr"]
-                with _autocast(self.device):
-                    # [1]: only the loss; the logits the plain route returns are not kept alive through the step
-                    loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_value = loss.item()  # waits for the device, so the timing below is honest
+                loss_value = self._train_step()
+            # One small collective a step: the job's mean loss (what every rank logs and stops on) and whether any
+            # rank was asked to stop, so all ranks leave the loop after the same step.
+            loss_sum, stops = all_reduce_sum([loss_value, float(self._stop_reason is not None)], self.dist)
+            loss_value = loss_sum / self.dist.world_size
+            if stops and self._stop_reason is None:
+                self._stop_reason = "stopped: another process of the job was stopped"
             elapsed = time.perf_counter() - started
             run.step += 1
             step = run.step
@@ -365,12 +391,11 @@ class Trainer:
                 if cfg.patience is not None and run.evals_without_improvement >= cfg.patience:
                     stop_reason = "patience"
                     break
-            if cfg.sample_interval and step % cfg.sample_interval == 0:
+            if main and cfg.sample_interval and step % cfg.sample_interval == 0:
                 self._emit("on_sample", step, self.sample(step))
             # After the step's evaluation and sample, so a run resumed from here repeats neither.
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-                self._emit("before_checkpoint", step)
-                self.save_training_state(out_dir)
+                self._checkpoint(out_dir, step)
             if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
                 stop_reason = "target_loss"
                 break
@@ -383,18 +408,22 @@ class Trainer:
         # Before the final evaluation: the evaluation at a step that is not a multiple of eval_interval would count
         # towards patience and the best weights, which an uninterrupted run never sees.
         if cfg.checkpoint_interval and step != self._saved_step:
-            self._emit("before_checkpoint", step)
-            self.save_training_state(out_dir)
+            self._checkpoint(out_dir, step)
         if cfg.eval_interval and step > run.last_eval_step:
             run_eval(step)
         last_sample_step = step - step % cfg.sample_interval if cfg.sample_interval else 0
-        if step > last_sample_step:
+        if main and step > last_sample_step:
             self._emit("on_sample", step, self.sample(step))
 
+        # Rank 0 writes the checkpoints; the other ranks of a job report the same paths.
         metadata = {"step": step, "stop_reason": stop_reason, **run.last_eval}
-        final_checkpoint = save_checkpoint(self.model, out_dir / "final", metadata)
+        final_checkpoint = out_dir / "final"
+        if main:
+            final_checkpoint = save_checkpoint(self.model, final_checkpoint, metadata)
         best_checkpoint = None
-        if run.best_state is not None:
+        if run.best_state is not None and not main:
+            best_checkpoint = out_dir / "best"
+        elif run.best_state is not None:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(run.best_state)
             best_checkpoint = save_checkpoint(
@@ -415,6 +444,37 @@ class Trainer:
         )
         self._emit("on_train_end", result)
         return result
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this process's mean loss."""
+        cfg = self.config
+        losses = []
+        for micro in range(cfg.grad_accum):
+            x, y = self.batches.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # DDP averages gradients across processes during the last micro-batch's backward only.
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
+            with sync:
+                with _autocast(self.device):
+                    # [1]: only the loss; the logits the plain route returns are not kept alive through the step
+                    loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
+                (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            losses.append(loss.detach())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # .item() waits for the device, so the step's timing is honest
+        return (losses[0] if len(losses) == 1 else torch.stack(losses).mean()).item()
+
+    def _checkpoint(self, out_dir: Path, step: int) -> None:
+        """A resumable checkpoint of ``step``, written by rank 0 (every rank holds the same state)."""
+        if self.dist.is_main:
+            self._emit("before_checkpoint", step)
+            self.save_training_state(out_dir)
+        self._saved_step = step
 
     # -- resumable checkpoints ------------------------------------------------------------------------------------
 
@@ -454,6 +514,7 @@ class Trainer:
                 "train": self.config.to_dict(),
             },
             "dataset_sha256": self.corpus.meta["sha256"],
+            "world_size": self.dist.world_size,
             "optimizer": {"param_groups": groups, "values": optimizer_values},
             "scheduler": self.scheduler.state_dict(),
             "batches": {"position": self.batches.position},
@@ -503,13 +564,22 @@ class Trainer:
         (which cannot fail half-way on a bad checkpoint)."""
         configs = state["config"]
         for what, mine in (("model", self.model_config), ("data", self.data_config), ("train", self.config)):
-            saved, current = configs[what], dataclasses.asdict(mine)
+            # A field added since the checkpoint was written counts at its default (what that training used).
+            saved = {**_field_defaults(type(mine)), **configs[what]}
+            current = dataclasses.asdict(mine)
             for key in sorted(set(saved) | set(current)):
                 if saved.get(key, "<unset>") != current.get(key, "<unset>"):
                     raise CheckpointError(
                         f"{directory} comes from a training with another {what} config: {key} is "
                         f"{saved.get(key, '<unset>')!r} there, {current.get(key, '<unset>')!r} here"
                     )
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            # Each process's shard of the batches depends on the number of processes.
+            raise CheckpointError(
+                f"{directory} comes from a training with {saved_world} process(es); resume it with "
+                f"{saved_world} (torchrun --nproc_per_node={saved_world}), not {self.dist.world_size}"
+            )
         if state["dataset_sha256"] != self.corpus.meta["sha256"]:
             raise CheckpointError(
                 f"{directory} was trained on other data (sha256 {state['dataset_sha256'][:12]}…); "
@@ -638,6 +708,11 @@ class _LoopState:
     """Step of the latest evaluation (0: none yet)."""
     loss_value: float = math.nan
     """Loss of the latest step."""
+
+
+def _field_defaults(config_type: type) -> dict:
+    """The default of every field of a config dataclass that has one."""
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
 
 
 def _finite_or_none(value: float) -> float | None:

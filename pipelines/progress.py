@@ -45,6 +45,7 @@ class TerminalProgress(Callback):
         peak = summary.get("peak_tflops")
         self._line(
             f"device: {summary['device']}, {summary['threads']} threads"
+            + (f" per process × {summary['world_size']} processes" if summary.get("world_size", 1) > 1 else "")
             + (f", peak {peak:g} TFLOP/s (for MFU)" if peak is not None else "")
         )
         if self._start_step:

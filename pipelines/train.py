@@ -4,8 +4,9 @@ Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--t
        [--block-size T] [--lr X] [--weight-decay X] [--grad-clip X] [--eval-interval N] [--sample-interval N]
        [--patience N] [--data PATH|URL] [--experiment NAME] [--run-name NAME] [--register-as NAME] [--alias A]
        [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR] [--init-from HF_DIR [--context T]]
-       [--pad-vocab N] [--compile] [--peak-tflops X] [--checkpoint-interval N] [--keep-checkpoints K]
+       [--pad-vocab N] [--compile] [--peak-tflops X] [--checkpoint-interval N] [--keep-checkpoints K] [--grad-accum N]
        python -m pipelines.train --resume RUN_ID [--checkpoint-root DIR] [--log-interval N] [--job-dir DIR]
+       torchrun --standalone --nproc_per_node=N -m pipelines.train [the same options]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
 or after --patience evaluations without a better validation loss. The final checkpoint (or the best-validation
@@ -31,6 +32,12 @@ unchanged); --compile runs the training steps through torch.compile (slow to sta
 it needs a C++ compiler). Every step logs mfu, the model FLOPs utilisation, when the GPU's peak is known (H100, H200,
 A100, L4, A10, RTX 4090) or given with --peak-tflops.
 
+Under torchrun the job trains with DistributedDataParallel (gloo on the CPU, NCCL on CUDA with one GPU per process;
+multi-node through torchrun's rendezvous flags). --batch-size is per process and each process reads its own shard
+of every batch: the global batch is batch size × --grad-accum × processes. Only rank 0 logs to MLflow, prints,
+writes checkpoints and registers the model, so a job is one run (param world_size). A run started with N processes
+resumes with N.
+
 With --job-dir (used by the studio app's background jobs, see core/jobs.py) the run id, live progress and the
 outcome are also written to that folder, and the run is tagged with the job id and process id.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +55,7 @@ from pipelines.cli import ArgumentParser, positive_int, run
 
 if TYPE_CHECKING:
     from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+    from core.distributed import DistContext
     from core.jobs import JobRecorder
 
 DEFAULT_TOKENS_PER_BATCH = 2048  # the reference's B·T
@@ -116,6 +125,13 @@ def build_parser() -> ArgumentParser:
         type=float,
         default=d.weight_decay,
         help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})",
+    )
+    opt.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        default=d.grad_accum,
+        metavar="N",
+        help="accumulate the gradients of N micro-batches per optimizer step (default 1)",
     )
     opt.add_argument("--beta1", type=float, default=d.beta1, help=f"AdamW beta1 (default {d.beta1})")
     opt.add_argument("--beta2", type=float, default=d.beta2, help=f"AdamW beta2 (default {d.beta2})")
@@ -257,6 +273,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         eps=args.eps,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
+        grad_accum=args.grad_accum,
         eval_interval=args.eval_interval,
         eval_batches=args.eval_batches,
         patience=args.patience,
@@ -309,26 +326,51 @@ def init_from_model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from core.distributed import init_distributed, shutdown
+
     args = build_parser().parse_args(argv)
+    # MLflow draws a progress bar for every artifact transfer (registering the model makes two); the studio's own
+    # progress output is the one on this terminal. An explicit setting in the environment wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     given = explicit_options(argv) if args.resume is not None else []
-    if args.job_dir is None:
-        return train(args, given=given)
-    from core.jobs import JobRecorder
+    if args.resume is not None:
+        check_resume_options(args, given)
+        configs = None
+    else:
+        configs = build_configs(args)  # a bad value is refused before a process group is joined
+    dist = init_distributed(args.device if configs is None else configs[2].device)
+    try:
+        if args.job_dir is None or not dist.is_main:
+            return train(args, configs=configs, dist=dist)
+        from core.jobs import JobRecorder
 
-    with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
-        return train(args, job, given=given)
+        with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
+            return train(args, job, configs=configs, dist=dist)
+    finally:
+        shutdown(dist)
 
 
-def train(args: argparse.Namespace, job: JobRecorder | None = None, *, given: Sequence[str] = ()) -> int:
-    """Train as ``args`` ask (or resume ``args.resume``, ``given`` being the options typed), reporting to the
-    terminal (and to ``job``); returns the exit code."""
-    from core.experiment import find_resume_point, resume_training, run_training
+def train(
+    args: argparse.Namespace,
+    job: JobRecorder | None = None,
+    *,
+    configs: tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig] | None = None,
+    dist: DistContext | None = None,
+) -> int:
+    """Train as ``args`` ask with ``configs`` (or resume ``args.resume``), reporting to the terminal (and to
+    ``job``); returns the exit code. In a torchrun job only rank 0 (``dist``) reports anything."""
+    from core.distributed import SINGLE
+    from core.experiment import find_resume_point, resume_training, run_training, share_resume_point
     from core.store import tracking_uri
     from pipelines.progress import TerminalProgress
 
+    dist = dist or SINGLE
+    point = None
     if args.resume is not None:
-        check_resume_options(args, given)
-        point = find_resume_point(args.resume, checkpoint_root=args.checkpoint_root)
+        if dist.is_main:
+            point = find_resume_point(args.resume, checkpoint_root=args.checkpoint_root, world_size=dist.world_size)
+        if dist.enabled:
+            point = share_resume_point(point, dist)
         model_config, data_config, train_config, tracking = (
             point.model_config,
             point.data_config,
@@ -336,8 +378,20 @@ def train(args: argparse.Namespace, job: JobRecorder | None = None, *, given: Se
             point.tracking,
         )
     else:
-        model_config, data_config, train_config, tracking = build_configs(args)
+        model_config, data_config, train_config, tracking = configs or build_configs(args)
+    if not dist.is_main:
+        if point is not None:
+            outcome = resume_training(point, dist=dist)
+        else:
+            outcome = run_training(model_config, data_config, train_config, tracking, dist=dist)
+        return 130 if outcome.status == "KILLED" else 0
     print(f"tracking store: {tracking_uri()}")
+    if dist.enabled:
+        print(
+            f"torchrun job: {dist.world_size} processes, global batch {data_config.batch_size} × "
+            f"{train_config.grad_accum} × {dist.world_size} sequences",
+            flush=True,
+        )
     callbacks = [TerminalProgress(train_config.max_steps, log_interval=args.log_interval)]
     if job is not None:
         callbacks.append(job.progress_recorder(train_config.max_steps))
@@ -349,10 +403,10 @@ def train(args: argparse.Namespace, job: JobRecorder | None = None, *, given: Se
 
     if args.resume is not None:
         print(f"resuming run {point.run_id} after step {point.step:,} of {train_config.max_steps:,}", flush=True)
-        outcome = resume_training(point, callbacks, on_run_created=on_run_created)
+        outcome = resume_training(point, callbacks, on_run_created=on_run_created, dist=dist)
     else:
         outcome = run_training(
-            model_config, data_config, train_config, tracking, callbacks, on_run_created=on_run_created
+            model_config, data_config, train_config, tracking, callbacks, on_run_created=on_run_created, dist=dist
         )
     code = 0 if outcome.model_version is not None else (130 if outcome.status == "KILLED" else 1)
     if job is not None:

@@ -260,6 +260,7 @@ def test_pad_vocab_applies_to_init_from_and_the_weights_load_padded(tmp_path, ti
         (["--peak-tflops", "fast"], "invalid float value"),
         (["--pad-vocab", "0"], "expected a positive integer"),
         (["--pad-vocab", "2048"], "pad_vocab_multiple must be an integer in 1..1024"),
+        (["--alias", "latest"], "reserved by MLflow"),  # refused before training, not by the registry after it
     ],
 )
 def test_train_bad_gpu_flags_are_one_line_and_exit_2(extra, fragment):

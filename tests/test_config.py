@@ -1,6 +1,6 @@
 import pytest
 
-from core.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig
+from core.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
 
 
 def test_presets_have_the_documented_shapes():
@@ -105,3 +105,14 @@ def test_compile_and_peak_tflops_default_off_and_accept_good_values():
 def test_bad_compile_and_peak_tflops_are_rejected(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**fields)
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v2", "V10", "my.alias", "9lives", "with space", ""])
+def test_aliases_the_registry_would_refuse_are_refused_before_training(alias):
+    with pytest.raises(ValueError, match="alias"):
+        TrackingConfig(alias=alias)
+
+
+@pytest.mark.parametrize("alias", ["champion", "challenger-2", "prod_v2", "_staging", "version2"])
+def test_usable_aliases_pass(alias):
+    assert TrackingConfig(alias=alias).alias == alias

@@ -162,6 +162,40 @@ def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_r
 
 
 @pytest.mark.slow
+def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, jobs_root, client, shakespeare_path):
+    """A 2-process job: the launcher heads the group, rank 0 records the run; cancelling stops every process, and a
+    job whose processes were SIGKILLed has its run ended KILLED although the run's pid tag names rank 0."""
+    job = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root, processes=2)
+    assert job.processes == 2 and "--nproc_per_node=2" in job.argv
+    running = wait_for(job.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
+    assert running.trainer_pid not in (None, job.pid)  # rank 0 is a child of the launcher
+    run = client.get_run(running.run_id)
+    assert run.data.params["world_size"] == "2" and run.data.tags[PID_TAG] == str(running.trainer_pid)
+    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "pipelines.train" in p.cmdline()]
+    assert len(workers) == 2
+
+    info = cancel_job(job.job_id, jobs_root)
+    assert info.state == "killed", info.reason
+    assert not group_exists(job.pgid) and not any(w.is_running() for w in workers)
+    run = client.get_run(running.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"].startswith("stopped: ")
+
+    second = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root, processes=2)
+    started = wait_for(second.job_id, jobs_root, lambda j: j.run_id is not None)
+    os.killpg(second.pgid, signal.SIGKILL)
+    died = wait_for(second.job_id, jobs_root, lambda j: not j.is_active, timeout=20)
+    assert died.state == "died", died.reason
+    assert client.get_run(started.run_id).info.status == "KILLED"
+
+
+def test_bad_process_counts_are_refused_before_anything_starts(tmp_path, jobs_root, store_uri, shakespeare_path):
+    for processes, message in ((0, "processes must be an integer from 1 to 64"), (65, "from 1 to 64")):
+        with pytest.raises(UsageError, match=message):
+            start_job(train_args(tmp_path, shakespeare_path, 5), jobs_root=jobs_root, processes=processes)
+    assert not jobs_root.exists()
+
+
+@pytest.mark.slow
 def test_reap_ends_a_killed_cli_run_killed(tmp_path, client, store_uri, shakespeare_path, capsys):
     """A `python -m pipelines.train` started in a terminal, not as a job, then killed with `kill -9`."""
     trainer = subprocess.Popen(

@@ -1,13 +1,18 @@
 """The studio against a real ``mlflow server`` on loopback: train, register, generate and the app's pages, all
 through the server's REST API and artifact proxy, as a team sharing one store would use it.
 
-The server runs with a SQLite backend store (always) and is started the way a user starts it
-(``mlflow server --backend-store-uri ... --artifacts-destination ...``).
+The server is started the way a user starts it (``mlflow server --backend-store-uri ... --artifacts-destination
+...``), once with a SQLite backend store (always) and once with PostgreSQL: a fresh database on the server that
+``$STUDIO_TEST_POSTGRES_URI`` names (``postgresql://user:password@host:port/db`` of a role that may create
+databases; ``.ci/run`` installs Debian's PostgreSQL, starts it and sets it). Without that variable the PostgreSQL
+round is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,6 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,20 +43,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    """A real ``mlflow server`` with a SQLite backend and a proxied artifact store, stopped after the module."""
+@contextmanager
+def backend_store(kind: str, root: Path) -> Iterator[str]:
+    """The ``--backend-store-uri`` of a new, empty store of ``kind``, removed afterwards (a PostgreSQL database)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{root / 'mlflow.db'}"
+        return
+    admin_uri = os.environ.get("STUDIO_TEST_POSTGRES_URI")
+    if not admin_uri:
+        pytest.skip("set STUDIO_TEST_POSTGRES_URI (as .ci/run does) to test a PostgreSQL backend store")
+    import psycopg
+
+    database = f"studio_test_{secrets.token_hex(4)}"
+    # autocommit: CREATE/DROP DATABASE cannot run inside a transaction
+    admin = psycopg.connect(admin_uri, autocommit=True)
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {database}")
+        try:
+            yield admin_uri.rsplit("/", 1)[0] + f"/{database}"
+        finally:
+            with admin.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> Iterator[str]:
+    """A real ``mlflow server`` with a SQLite or PostgreSQL backend and a proxied artifact store, stopped after the
+    module's tests have run against it."""
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_cli is None:
         pytest.skip("the mlflow command is not installed")
     root = tmp_path_factory.mktemp("server")
+    with backend_store(request.param, root) as store_uri:
+        yield from _serve(mlflow_cli, store_uri, root)
+
+
+def _serve(mlflow_cli: str, store_uri: str, root: Path) -> Iterator[str]:
     port = free_port()
     log = (root / "server.log").open("w")
     command = [
         mlflow_cli,
         "server",
         "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
+        store_uri,
         "--artifacts-destination",
         str(root / "artifacts"),
         "--host",
@@ -70,7 +109,8 @@ def server(tmp_path_factory) -> str:
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
     try:

@@ -451,3 +451,19 @@ def test_the_trainer_announces_every_checkpoint_before_writing_it(small_corpus, 
     trainer.fit(tmp_path / "out")
     assert seen == [(3, False), (6, False), (7, False)]
     assert (tmp_path / "out" / "resume" / "step-00000007").is_dir()
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_message_naming_the_batch_size(tmp_path, shakespeare_path):
+    from core.memory import NotEnoughMemory
+
+    data = DataConfig(source=str(shakespeare_path), batch_size=2, block_size=16)
+    config = TrainConfig(max_steps=3, eval_interval=0, sample_interval=0, checkpoint_interval=0, device="cpu")
+    trainer = Trainer(MODEL, data, config)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    trainer._train_step_model = out_of_memory
+    with pytest.raises(NotEnoughMemory, match="--batch-size"):
+        trainer.fit(tmp_path / "out")
+    assert not (tmp_path / "out" / "final").exists()

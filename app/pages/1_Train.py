@@ -12,7 +12,7 @@ import studio_ui as ui
 from core.config import PRESETS, TINY_SHAKESPEARE_URL, DataConfig, ModelConfig, TrainConfig
 from core.data import UPLOADS_FOLDER, store_upload
 from core.device import DEVICE_CHOICES
-from core.jobs import cancel_job, delete_job, list_jobs, start_job
+from core.jobs import MAX_PROCESSES, cancel_job, delete_job, list_jobs, start_job
 from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPO_ROOT, tracking_uri
 
 REFRESH_S = 2.0
@@ -131,6 +131,13 @@ with st.form("train"):
             "above; it is kept under data/uploads/",
         )
         device = st.selectbox("Device", DEVICE_CHOICES, help="auto picks CUDA, then MPS, then CPU")
+        processes = st.number_input(
+            "Processes",
+            1,
+            MAX_PROCESSES,
+            1,
+            help="more than 1 trains with torchrun (DDP): B sequences per process, one GPU each on CUDA",
+        )
     with optimisation:
         st.markdown("**Optimisation and stopping**")
         max_steps = st.number_input("Max steps", 1, 1_000_000, defaults.max_steps)
@@ -199,7 +206,9 @@ if submitted:
         args += ["--alias", alias.strip()]
     if register_best:
         args.append("--register-best")
-    job = ui.safely("The run was not started", start_job, args, label=run_name.strip() or None)
+    job = ui.safely(
+        "The run was not started", start_job, args, label=run_name.strip() or None, processes=int(processes)
+    )
     st.toast(f"Started training job {job.job_id} (pid {job.pid})", icon="🚀")
 
 
@@ -239,14 +248,17 @@ def show_job(job) -> None:
     title = job.label or (job.run_id and f"run {job.run_id[:8]}") or job.job_id
     with st.container(border=True):
         head, actions = st.columns([4, 1])
-        head.markdown(f"**{title}** · {STATE_BADGES.get(job.state, job.state)} · job `{job.job_id}` · pid {job.pid}")
+        processes = f" · {job.processes} processes (torchrun)" if job.processes > 1 else ""
+        head.markdown(
+            f"**{title}** · {STATE_BADGES.get(job.state, job.state)} · job `{job.job_id}` · pid {job.pid}{processes}"
+        )
         # Callbacks, not `if st.button(...)`: they run before the (fragment) rerun that follows the click, so the
         # rerun already shows the job stopped or gone.
         if job.is_active:
             actions.button(
                 "Cancel",
                 key=f"cancel-{job.job_id}",
-                help="stop the whole process; the run ends KILLED",
+                help="stop the whole process group; the run ends KILLED",
                 on_click=act,
                 args=("Cancelling failed", cancel_job, job.job_id),
             )

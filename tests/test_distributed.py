@@ -1,0 +1,245 @@
+"""Multi-process training: batch shards, gradient accumulation, and real ``torchrun`` jobs of 2 CPU processes.
+
+The torchrun tests start the trainer the way a user does (``python -m torch.distributed.run --standalone
+--nproc_per_node=2 -m pipelines.train ...``, which is what the ``torchrun`` command runs) and read the result back
+through ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import DataConfig, TrainConfig
+from core.data import TokenBatches
+from core.distributed import SINGLE, DistContext, all_reduce_sum, broadcast_text, init_distributed
+from core.trainer import Trainer
+from tests.conftest import REPO, TINY
+
+STEP_METRICS = ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec")
+
+
+# ---- shards and contexts ----
+
+
+@pytest.mark.parametrize("order", ["sequential", "random"])
+def test_the_shards_of_two_processes_are_the_batches_of_one_process_with_twice_the_batch(order):
+    tokens = np.arange(5_000, dtype=np.uint16)
+    whole = TokenBatches(tokens, batch_size=6, block_size=16, order=order, seed=3)
+    shards = [TokenBatches(tokens, 3, 16, order=order, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert shards[0].batches_per_epoch == whole.batches_per_epoch
+    for _ in range(whole.batches_per_epoch + 3):  # past the wrap-around too
+        x, y = whole.next_batch()
+        parts = [shard.next_batch() for shard in shards]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert not torch.equal(parts[0][0], parts[1][0])  # each process reads other rows
+
+
+def test_a_shard_needs_room_for_the_global_batch():
+    with pytest.raises(ValueError, match=r"batch_size=4 × 2 processes"):
+        TokenBatches(np.arange(100, dtype=np.uint16), batch_size=4, block_size=16, rank=1, world_size=2)
+    TokenBatches(np.arange(100, dtype=np.uint16), batch_size=4, block_size=16)  # one process fits
+    with pytest.raises(ValueError, match="rank must be in"):
+        TokenBatches(np.arange(100, dtype=np.uint16), batch_size=1, block_size=8, rank=2, world_size=2)
+
+
+def test_without_torchrun_there_is_one_process_and_no_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed("cpu") is SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("cpu") is SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"\$WORLD_SIZE must be an integer"):
+        init_distributed("cpu")
+    assert all_reduce_sum([1.5, 2.0], SINGLE) == [1.5, 2.0]
+    assert broadcast_text("ünïcode", SINGLE) == "ünïcode"
+    with pytest.raises(ValueError, match="rank must be in"):
+        DistContext(rank=2, world_size=2)
+
+
+def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(shakespeare_path):
+    """B=2 with 2 accumulated micro-batches and B=4 in one go: the same data, losses and weights."""
+
+    def train(batch_size: int, grad_accum: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+        data = DataConfig(source=str(shakespeare_path), batch_size=batch_size, block_size=32)
+        config = TrainConfig(
+            max_steps=4, target_loss=0, eval_interval=0, sample_interval=0, checkpoint_interval=0,
+            grad_accum=grad_accum, device="cpu",
+        )  # fmt: skip
+        trainer = Trainer(TINY, data, config)
+        losses = [trainer._train_step() for _ in range(config.max_steps)]
+        return losses, trainer.model.state_dict()
+
+    big_losses, big = train(4, 1)
+    accumulated_losses, accumulated = train(2, 2)
+    np.testing.assert_allclose(accumulated_losses, big_losses, rtol=1e-5)
+    for name, tensor in big.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-6)
+    assert TrainConfig(grad_accum=3).grad_accum == 3
+    with pytest.raises(ValueError, match="grad_accum must be a positive integer"):
+        TrainConfig(grad_accum=0)
+
+
+# ---- real torchrun jobs ----
+
+SMALL_MODEL = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context", "32"]
+
+
+def train_argv(corpus, tmp_path, experiment: str, *extra: str) -> list[str]:
+    return [
+        *SMALL_MODEL, "--block-size", "32", "--device", "cpu", "--data", str(corpus), "--target-loss", "0",
+        "--eval-interval", "4", "--sample-interval", "0", "--experiment", experiment,
+        "--checkpoint-root", str(tmp_path / "checkpoints"), "--log-interval", "1", *extra,
+    ]  # fmt: skip
+
+
+def torchrun(nproc: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "pipelines.train", *argv]  # fmt: skip
+
+
+def run_command(command: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def histories(client, run_id: str, names=STEP_METRICS + ("val_loss",)) -> dict[str, list[tuple[int, float]]]:
+    return {n: sorted((m.step, m.value) for m in client.get_metric_history(run_id, n)) for n in names}
+
+
+def only_run(client, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, f"{len(runs)} runs in {experiment}"
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process(tmp_path, shakespeare_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    steps = 8
+    common = ["--max-steps", str(steps)]
+    ddp = run_command(torchrun(2, train_argv(shakespeare_path, tmp_path, "ddp", *common, "--batch-size", "2")), env)
+    run_command(
+        [sys.executable, "-m", "pipelines.train",
+         *train_argv(shakespeare_path, tmp_path, "single", *common, "--batch-size", "4")], env,
+    )  # fmt: skip
+
+    client = MlflowClient(tracking_uri=uri)
+    ddp_run, single_run = only_run(client, "ddp"), only_run(client, "single")
+    assert ddp.stdout.count("mlflow run: ") == 1  # rank 1 printed nothing of its own
+    assert "2 processes" in ddp.stdout
+    assert ddp_run.info.status == "FINISHED"
+    params = ddp_run.data.params
+    assert (params["world_size"], params["batch_size"], params["global_batch_size"]) == ("2", "2", "4")
+    assert single_run.data.params["world_size"] == "1"
+
+    ddp_history, single_history = histories(client, ddp_run.info.run_id), histories(client, single_run.info.run_id)
+    for name in STEP_METRICS:
+        assert [s for s, _ in ddp_history[name]] == list(range(1, steps + 1)), name  # one point per step
+    for name in ("loss", "avg_loss", "best_loss", "lr", "val_loss"):
+        expected = [v for _, v in single_history[name]]
+        assert [s for s, _ in ddp_history[name]] == [s for s, _ in single_history[name]], name
+        np.testing.assert_allclose([v for _, v in ddp_history[name]], expected, rtol=1e-4, err_msg=name)
+    losses = [v for _, v in ddp_history["loss"]]
+    assert losses[-1] < losses[0]
+
+    # Rank 0 alone registered the model: one version, from this run.
+    versions = client.search_model_versions(f"run_id = '{ddp_run.info.run_id}'")
+    assert len(versions) == 1
+    generated = subprocess.run(
+        [sys.executable, "-m", "pipelines.generate", "--model", f"shakespeare-gpt/{versions[0].version}",
+         "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert generated.returncode == 0 and generated.stdout.startswith("ROMEO:"), generated.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_path):
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it: the run ends KILLED with a checkpoint;
+    ``--resume`` under torchrun continues it to FINISHED with one point per step; one process is refused."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    steps = 400  # far more than the test waits for
+    argv = train_argv(shakespeare_path, tmp_path, "ddp-stop", "--max-steps", str(steps), "--batch-size", "2",
+                      "--checkpoint-interval", "3", "--eval-interval", "0", "--log-interval", "1000")  # fmt: skip
+    job = subprocess.Popen(
+        torchrun(2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        run_id = next((line.split()[-1] for line in job.stdout if line.startswith("mlflow run: ")), None)
+        assert run_id is not None, "the job printed no run id"
+        pointer = tmp_path / "checkpoints" / run_id / "resume" / "latest.json"
+        deadline = time.monotonic() + 120
+        while not pointer.exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGINT)
+        output = job.stdout.read()
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        job.stdout.close()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED", output[-3000:]
+    assert run.data.tags["stop_reason"].startswith("stopped: "), run.data.tags
+    stopped_at = max(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert 3 <= stopped_at < steps
+    assert json.loads(pointer.read_text())["step"] == stopped_at
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--resume", run_id], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "torchrun --nproc_per_node=2" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert client.get_run(run_id).info.status == "KILLED"  # the refusal changed nothing
+
+    # The resumed job would run hundreds of steps: watch it take a few, then stop it again (SIGTERM this time).
+    resumed = subprocess.Popen(
+        torchrun(2, ["--resume", run_id, "--log-interval", "1"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in resumed.stdout:
+            seen.append(line)
+            if line.startswith(f"step {stopped_at + 3:6d} |"):
+                os.killpg(resumed.pid, signal.SIGTERM)
+                break
+        seen.append(resumed.stdout.read())
+        resumed.wait(timeout=120)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+            resumed.wait()
+        resumed.stdout.close()
+    text = "".join(seen)
+    assert f"resuming run {run_id} after step {stopped_at:,}" in text, text[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["resumed_from_step"] == str(stopped_at)
+    last = max(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert last >= stopped_at + 3
+    for name in STEP_METRICS:  # no gap and no repeat across the stop and the resume
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, last + 1)), name
