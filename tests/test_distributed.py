@@ -138,7 +138,7 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
          *train_argv(shakespeare_path, tmp_path, "single", *common, "--batch-size", "4")], env,
     )  # fmt: skip
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global registry URI an earlier test set
     ddp_run, single_run = only_run(client, "ddp"), only_run(client, "single")
     assert ddp.stdout.count("mlflow run: ") == 1  # rank 1 printed nothing of its own
     assert "2 processes" in ddp.stdout
@@ -200,7 +200,7 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
             job.wait()
         job.stdout.close()
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global registry URI an earlier test set
     run = client.get_run(run_id)
     assert run.info.status == "KILLED", output[-3000:]
     assert run.data.tags["stop_reason"].startswith("stopped: "), run.data.tags
