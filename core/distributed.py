@@ -13,6 +13,8 @@ would unpickle whatever rank 0 sent).
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,27 @@ def broadcast_text(text: str | None, context: DistContext) -> str:
         buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buffer, src=0)
     return bytes(buffer.cpu().tolist()).decode("utf-8")
+
+
+def watch_launcher(on_exit: Callable[[str], None], interval: float = 1.0) -> Callable[[], None]:
+    """Call ``on_exit(why)`` once if this process's parent, the torchrun launcher, goes away; returns the function
+    that stops watching.
+
+    torchrun starts every worker in a session of its own, so signals sent to the launcher's process group (a
+    cancelled job, ``kill -9`` of the launcher) never reach the workers: without this they would train on, orphaned.
+    A dead parent shows as a new parent pid (the process is handed to init or a subreaper).
+    """
+    parent = os.getppid()
+    stopped = threading.Event()
+
+    def watch() -> None:
+        while not stopped.wait(interval):
+            if os.getppid() != parent:
+                on_exit(f"the torchrun launcher (pid {parent}) exited")
+                return
+
+    threading.Thread(target=watch, name="torchrun-launcher-watch", daemon=True).start()
+    return stopped.set
 
 
 def _collective_device(context: DistContext) -> torch.device:

@@ -35,7 +35,7 @@ from mlflow.entities import RunTag
 
 from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_training_state
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
-from core.distributed import SINGLE, DistContext, broadcast_text
+from core.distributed import SINGLE, DistContext, broadcast_text, watch_launcher
 from core.errors import UsageError
 from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, sqlite_path
 from core.store import tracking_uri as current_tracking_uri
@@ -86,10 +86,23 @@ def run_params(
 
 @contextmanager
 def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM and SIGINT ask the trainer to stop after its current step (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """SIGTERM and SIGINT ask the trainer to stop after its current step (main thread only); so does the end of
+    the torchrun launcher of a multi-process job (see :func:`core.distributed.watch_launcher`)."""
+    stop_watching = watch_launcher(trainer.request_stop) if trainer.dist.enabled else None
+    try:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+        else:
+            with _signal_handlers(trainer):
+                yield
+    finally:
+        if stop_watching is not None:
+            stop_watching()
+
+
+@contextmanager
+def _signal_handlers(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``trainer.request_stop``; the previous handlers come back afterwards."""
 
     def handler(signum, _frame):
         trainer.request_stop(signal.Signals(signum).name)
