@@ -539,3 +539,32 @@ def test_mlflow_models_serve_answers_generation_requests(store, tiny_checkpoint,
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
         log.close()
+
+
+@pytest.mark.slow  # runs the generate CLI
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_a_registered_model_with_damaged_weights_is_refused_in_one_line(store, tmp_path, damage):
+    """Weights damaged in the store after registration: the loader (and the generate CLI) says which file is wrong,
+    loads nothing and changes nothing stored."""
+    from safetensors.torch import load_file, save_file
+
+    client, experiment_id = store
+    log_and_register(client, client.create_run(experiment_id).info.run_id, _checkpoint(tmp_path, 1))
+    [weights] = (_model_folder(client, client.get_model_version(NAME, "1")) / "artifacts").rglob("model.safetensors")
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        tensors = load_file(weights)
+        tensors["transformer.wte.weight"][0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    damaged = weights.read_bytes()
+
+    with pytest.raises(CheckpointError, match="NaN" if damage == "nan" else "safetensors"):
+        registry.load_registered_model(client, f"{NAME}/1")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.generate", "--model", f"{NAME}/1", "--prompt", "ROMEO:"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert weights.read_bytes() == damaged and client.get_model_version(NAME, "1").status == "READY"
