@@ -12,6 +12,7 @@ would unpickle whatever rank 0 sent).
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Callable
@@ -105,10 +106,21 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown(context: DistContext) -> None:
-    """Leave the process group (if this process joined one)."""
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(context: DistContext, *, synchronize: bool = True) -> None:
+    """Leave the process group (if this process joined one).
+
+    With ``synchronize`` (after a normal end) every rank first waits for the others at a barrier, so no rank tears
+    down its side of the group while rank 0 is still registering the model; after an error there is no barrier, as
+    the other ranks may never get there (torchrun stops them). Objects still holding the group (the DDP wrapper of
+    a trainer caught in a reference cycle) are collected before it is destroyed: destroyed later, at interpreter
+    exit, they abort the process.
+    """
+    if not (context.enabled and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], context: DistContext) -> list[float]:

@@ -341,13 +341,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist = init_distributed(args.device if configs is None else configs[2].device)
     try:
         if args.job_dir is None or not dist.is_main:
-            return train(args, configs=configs, dist=dist)
-        from core.jobs import JobRecorder
+            code = train(args, configs=configs, dist=dist)
+        else:
+            from core.jobs import JobRecorder
 
-        with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
-            return train(args, job, configs=configs, dist=dist)
-    finally:
-        shutdown(dist)
+            with JobRecorder(args.job_dir) as job:  # records a failure (and re-raises) if training raises
+                code = train(args, job, configs=configs, dist=dist)
+    except BaseException:
+        shutdown(dist, synchronize=False)
+        raise
+    shutdown(dist)
+    return code
 
 
 def train(
