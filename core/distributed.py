@@ -71,11 +71,6 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"${name} must be an integer (torchrun sets it), got {value!r}") from None
 
 
-def launched_by_torchrun() -> bool:
-    """True when the environment describes a job of more than one process (torchrun sets ``WORLD_SIZE``)."""
-    return _env_int("WORLD_SIZE", 1) > 1
-
-
 def init_distributed(device_name: str = "auto") -> DistContext:
     """Join the torchrun job this process belongs to, or return :data:`SINGLE` when there is none.
 

@@ -276,7 +276,7 @@ class Trainer:
             "batches_per_epoch": self.batches.batches_per_epoch,
             "world_size": self.dist.world_size,
             "grad_accum": self.config.grad_accum,
-            "global_batch_size": self.data_config.batch_size * self.dist.world_size * self.config.grad_accum,
+            "global_batch_size": self.tokens_per_step // self.data_config.block_size,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "flops_per_token": self.flops_per_token,
@@ -350,7 +350,8 @@ class Trainer:
             self._emit("on_eval", at_step, dict(run.last_eval))
             if run.last_eval["val_loss"] < run.best_val:
                 run.best_val, run.best_val_step, run.evals_without_improvement = run.last_eval["val_loss"], at_step, 0
-                run.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if main:  # only rank 0 writes the best weights; the other ranks need not keep a copy
+                    run.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
                 run.evals_without_improvement += 1
 
@@ -420,14 +421,12 @@ class Trainer:
         final_checkpoint = out_dir / "final"
         if main:
             final_checkpoint = save_checkpoint(self.model, final_checkpoint, metadata)
-        best_checkpoint = None
-        if run.best_state is not None and not main:
-            best_checkpoint = out_dir / "best"
-        elif run.best_state is not None:
+        best_checkpoint = None if run.best_val_step is None else out_dir / "best"
+        if main and run.best_state is not None:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(run.best_state)
             best_checkpoint = save_checkpoint(
-                self.model, out_dir / "best", {"step": run.best_val_step, "val_loss": run.best_val}
+                self.model, best_checkpoint, {"step": run.best_val_step, "val_loss": run.best_val}
             )
             self.model.load_state_dict(current)
         result = TrainResult(

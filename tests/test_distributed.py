@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -114,6 +116,22 @@ def run_command(command: list[str], env: dict, timeout: float = 300) -> subproce
     return result
 
 
+@contextmanager
+def background_job(command: list[str], env: dict) -> Iterator[subprocess.Popen]:
+    """A torchrun job in its own process group, its output on a pipe; SIGKILLed (group) if still running after."""
+    job = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        job.stdout.close()
+
+
 def histories(client, run_id: str, names=STEP_METRICS + ("val_loss",)) -> dict[str, list[tuple[int, float]]]:
     return {n: sorted((m.step, m.value) for m in client.get_metric_history(run_id, n)) for n in names}
 
@@ -170,8 +188,9 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_path):
-    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it: the run ends KILLED with a checkpoint;
-    ``--resume`` under torchrun continues it to FINISHED with one point per step; one process is refused."""
+    """SIGINT to the launcher's process group, as Ctrl-C in a terminal sends it (the workers, in sessions of their
+    own, hear of it from the launcher): the run ends KILLED with a checkpoint. Resuming with one process is refused;
+    ``--resume`` under torchrun continues the run with one point per step, until SIGTERM stops it again."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -179,11 +198,7 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
     steps = 400  # far more than the test waits for
     argv = train_argv(shakespeare_path, tmp_path, "ddp-stop", "--max-steps", str(steps), "--batch-size", "2",
                       "--checkpoint-interval", "3", "--eval-interval", "0", "--log-interval", "1000")  # fmt: skip
-    job = subprocess.Popen(
-        torchrun(2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+    with background_job(torchrun(2, argv), env) as job:
         run_id = next((line.split()[-1] for line in job.stdout if line.startswith("mlflow run: ")), None)
         assert run_id is not None, "the job printed no run id"
         pointer = tmp_path / "checkpoints" / run_id / "resume" / "latest.json"
@@ -194,11 +209,6 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
         os.killpg(job.pid, signal.SIGINT)
         output = job.stdout.read()
         job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-        job.stdout.close()
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global registry URI an earlier test set
     run = client.get_run(run_id)
@@ -217,11 +227,7 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
     assert client.get_run(run_id).info.status == "KILLED"  # the refusal changed nothing
 
     # The resumed job would run hundreds of steps: watch it take a few, then stop it again (SIGTERM this time).
-    resumed = subprocess.Popen(
-        torchrun(2, ["--resume", run_id, "--log-interval", "1"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
+    with background_job(torchrun(2, ["--resume", run_id, "--log-interval", "1"]), env) as resumed:
         seen = []
         for line in resumed.stdout:
             seen.append(line)
@@ -230,11 +236,6 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
                 break
         seen.append(resumed.stdout.read())
         resumed.wait(timeout=120)
-    finally:
-        if resumed.poll() is None:
-            os.killpg(resumed.pid, signal.SIGKILL)
-            resumed.wait()
-        resumed.stdout.close()
     text = "".join(seen)
     assert f"resuming run {run_id} after step {stopped_at:,}" in text, text[-3000:]
     run = client.get_run(run_id)
