@@ -190,12 +190,12 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
 def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_path):
     """SIGINT to the launcher's process group, as Ctrl-C in a terminal sends it (the workers, in sessions of their
     own, hear of it from the launcher): the run ends KILLED with a checkpoint. Resuming with one process is refused;
-    ``--resume`` under torchrun continues the run with one point per step, until SIGTERM stops it again."""
+    ``--resume`` under torchrun finishes the run, with one point per step, and registers it."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
-    steps = 400  # far more than the test waits for
+    steps = 100  # seconds of margin after the first checkpoint, and a short resumed job
     argv = train_argv(shakespeare_path, tmp_path, "ddp-stop", "--max-steps", str(steps), "--batch-size", "2",
                       "--checkpoint-interval", "3", "--eval-interval", "0", "--log-interval", "1000")  # fmt: skip
     with background_job(torchrun(2, argv), env) as job:
@@ -226,21 +226,10 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
     assert "Traceback" not in refused.stderr
     assert client.get_run(run_id).info.status == "KILLED"  # the refusal changed nothing
 
-    # The resumed job would run hundreds of steps: watch it take a few, then stop it again (SIGTERM this time).
-    with background_job(torchrun(2, ["--resume", run_id, "--log-interval", "1"]), env) as resumed:
-        seen = []
-        for line in resumed.stdout:
-            seen.append(line)
-            if line.startswith(f"step {stopped_at + 3:6d} |"):
-                os.killpg(resumed.pid, signal.SIGTERM)
-                break
-        seen.append(resumed.stdout.read())
-        resumed.wait(timeout=120)
-    text = "".join(seen)
-    assert f"resuming run {run_id} after step {stopped_at:,}" in text, text[-3000:]
+    resumed = run_command(torchrun(2, ["--resume", run_id, "--log-interval", "1000"]), env)
+    assert f"resuming run {run_id} after step {stopped_at:,}" in resumed.stdout
     run = client.get_run(run_id)
-    assert run.info.status == "KILLED" and run.data.tags["resumed_from_step"] == str(stopped_at)
-    last = max(m.step for m in client.get_metric_history(run_id, "loss"))
-    assert last >= stopped_at + 3
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(stopped_at)
+    assert len(client.search_model_versions(f"run_id = '{run_id}'")) == 1  # rank 0 registered the resumed run
     for name in STEP_METRICS:  # no gap and no repeat across the stop and the resume
-        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, last + 1)), name
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, steps + 1)), name
