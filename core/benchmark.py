@@ -277,6 +277,23 @@ def hf_twin(model, *, train: bool):
     return twin.train(train)
 
 
+@dataclass(frozen=True)
+class InferencePair:
+    """A seeded studio model in eval mode and its ``GPT2LMHeadModel`` twin, shared by the generation rows and
+    ``first_token`` (building a 124M pair takes several seconds, a good share of ``--quick``'s budget)."""
+
+    model: torch.nn.Module
+    """The studio's :class:`core.model.GPT`."""
+    twin: torch.nn.Module
+    """``transformers.GPT2LMHeadModel`` with the same weights."""
+
+
+def inference_pair(config: ModelConfig | None = None) -> InferencePair:
+    """The :class:`InferencePair` of the ``gpt2`` preset, or of ``config`` (for tests)."""
+    model = _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
+    return InferencePair(model, hf_twin(model, train=False))
+
+
 def generation(
     batch: int,
     new_tokens: int,
@@ -284,17 +301,19 @@ def generation(
     log: Callable[[str], None] = print,
     prompt: str = "ROMEO:",
     config: ModelConfig | None = None,
+    pair: InferencePair | None = None,
 ) -> Row:
     """Sampling tokens/s of the ``gpt2`` preset (124M, fp32) at ``batch`` samples × ``new_tokens`` new tokens:
     :func:`core.sampling.generate` (ours: text out) against ``GPT2LMHeadModel.generate`` (reference: token ids out),
     on identical weights and prompt, with the same temperature and top-k, neither stopping early. One short
-    warm-up each, then ``repeats`` alternating runs; medians. ``config`` replaces the model shape (for tests)."""
+    warm-up each, then ``repeats`` alternating runs; medians. ``pair`` is the models to use (default: a new
+    :func:`inference_pair` of ``config``, whose default is the gpt2 preset)."""
     from core.sampling import generate
     from core.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
-    model = _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
-    twin = hf_twin(model, train=False)
+    pair = pair or inference_pair(config)
+    model, twin = pair.model, pair.twin
     prompt_ids = torch.tensor([tokenizer.encode(prompt)] * batch)
 
     def ours(n: int) -> float:
@@ -414,14 +433,18 @@ def training(
 
 
 def first_token(
-    repeats: int = 3, log: Callable[[str], None] = print, prompt: str = "ROMEO:", config: ModelConfig | None = None
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+    prompt: str = "ROMEO:",
+    config: ModelConfig | None = None,
+    pair: InferencePair | None = None,
 ) -> Row:
     """Seconds from a registered 124M model (``gpt2`` preset) to its first generated token, in a warm process:
     resolve the version in a SQLite registry, load it with :func:`core.registry.load_registered_model`
     (safetensors, the studio's cache emptied first) and sample one token (ours), against loading the same weights
     exported in Hugging Face layout with ``GPT2LMHeadModel.from_pretrained`` and ``generate`` of one token
-    (reference). Both read files the page cache already holds. Median of ``repeats``. ``config`` replaces the
-    model shape (for tests)."""
+    (reference). Both read files the page cache already holds. Median of ``repeats``. The weights are
+    ``pair``'s studio model (default: a new :func:`inference_pair` of ``config``)."""
     from core.checkpoint import save_checkpoint
     from core.hf import export_hf, import_transformers
     from core.registry import clear_model_cache, load_registered_model, log_and_register
@@ -434,11 +457,11 @@ def first_token(
     one_token = SampleConfig(max_new_tokens=1, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
     with tempfile.TemporaryDirectory(prefix="studio-bench-") as scratch:
         scratch = Path(scratch)
-        model = _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
+        model = pair.model if pair else _seeded_gpt(config or ModelConfig.from_preset("gpt2")).eval()
         shape = _shape(model.config)
         checkpoint = save_checkpoint(model, scratch / "checkpoint")
         export_hf(model, scratch / "hf")
-        del model
+        del model  # (ours loads its own copy from the registry)
         client = connect(f"sqlite:///{scratch / 'mlflow.db'}")
         run_id = client.create_run(ensure_experiment(client, "benchmark")).info.run_id
         log_and_register(client, run_id, checkpoint, name="bench-gpt2")

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from pipelines.cli import ArgumentParser, run
 
@@ -55,6 +56,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress goes to stderr line by line: no MLflow or transformers loading bars in between.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from core import benchmark
 
     def progress(line: str) -> None:
@@ -67,29 +71,65 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         read_corpus(args.data)
     rows = []
+
+    def measure(title: str, row: Callable[..., benchmark.Row], *row_args, **row_kwargs) -> None:
+        progress(title)
+        started = time.perf_counter()
+        rows.append(row(*row_args, log=progress, **row_kwargs))
+        progress(f"  ratio {rows[-1].ratio:.2f}× ({time.perf_counter() - started:.0f} s)")
+
+    generation_rows = {"generate_b1", "generate_b5", "first_token"}.intersection(selected)
+    pair = benchmark.inference_pair() if generation_rows else None  # one 124M pair for these rows
     for batch in (1, 5):
         if f"generate_b{batch}" in selected:
-            new_tokens, repeats = (64, 2) if args.quick else (256, 5)
-            progress(f"generate_b{batch}: gpt2, {batch} × {new_tokens} sampled tokens vs GPT2LMHeadModel.generate")
-            rows.append(benchmark.generation(batch, new_tokens, repeats=repeats, log=progress))
+            # --quick: batch 1, bound by memory bandwidth, wanders most on a shared machine and gets a third repeat
+            new_tokens, repeats = (64, 3 if batch == 1 else 2) if args.quick else (256, 5)
+            measure(
+                f"generate_b{batch}: gpt2, {batch} × {new_tokens} sampled tokens vs GPT2LMHeadModel.generate",
+                benchmark.generation,
+                batch,
+                new_tokens,
+                repeats=repeats,
+                pair=pair,
+            )
+    if "first_token" in selected:
+        measure(
+            "first_token: a registered 124M model to its first sampled token",
+            benchmark.first_token,
+            repeats=2 if args.quick else 5,
+            pair=pair,
+        )
+    del pair
     for preset in benchmark.TRAIN_CONFIGS:
         if f"train_{preset}" in selected:
-            # (warm-up, timed) steps per config; a gpt2 step at 8×256 takes 10 to 15 s on a 2-core CPU.
-            quick = {"tiny": (2, 3), "small": (2, 2), "gpt2": (1, 1)}
+            # (warm-up, timed) steps per config; a gpt2 step at 8×256 takes 10 to 20 s on a 2-core CPU. Warm-ups are
+            # full size: a smaller one left the first full step about 15% slower (glibc maps fresh pages for the
+            # larger activations until it has freed some).
+            quick = {"tiny": (2, 3), "small": (1, 3), "gpt2": (1, 1)}
             full = {"tiny": (3, 7), "small": (2, 5), "gpt2": (1, 3)}
             warmup, steps = (quick if args.quick else full)[preset]
-            progress(f"train_{preset}: training steps at B×T = 8×256, ours vs a GPT2LMHeadModel step")
-            rows.append(benchmark.training(preset, steps=steps, warmup=warmup, log=progress))
-    if "first_token" in selected:
-        progress("first_token: a registered 124M model to its first sampled token")
-        rows.append(benchmark.first_token(repeats=2 if args.quick else 5, log=progress))
+            measure(
+                f"train_{preset}: training steps at B×T = 8×256, ours vs a GPT2LMHeadModel step",
+                benchmark.training,
+                preset,
+                steps=steps,
+                warmup=warmup,
+            )
     if "log_overhead" in selected:
-        progress("log_overhead: tiny preset steps without, with asynchronous and with synchronous MLflow logging")
         steps, repeats = (8, 2) if args.quick else (40, 3)
-        rows.append(benchmark.logging_overhead(args.data, steps=steps, repeats=repeats, log=progress))
+        measure(
+            "log_overhead: tiny preset steps with asynchronous and with synchronous MLflow logging",
+            benchmark.logging_overhead,
+            args.data,
+            steps=steps,
+            repeats=repeats,
+        )
     if "compare_fetch" in selected:
-        progress("compare_fetch: 10 runs × 20,000 steps of the 6 charted metrics")
-        rows.append(benchmark.compare_fetch(repeats=2 if args.quick else 3, log=progress))
+        measure(
+            "compare_fetch: 10 runs × 20,000 steps of the 6 charted metrics",
+            benchmark.compare_fetch,
+            repeats=2 if args.quick else 3,
+        )
 
     if args.json:
         print(json.dumps({"machine": machine, "rows": [row.to_dict() for row in rows]}, indent=2))

@@ -69,7 +69,8 @@ def test_cli_json_has_the_rows_and_the_machine(monkeypatch, capsys):
     from pipelines import benchmark as cli
 
     fake = benchmark.higher_is_better("generate_b1", 40.0, 20.0, "tokens/s", "fake")
-    monkeypatch.setattr(benchmark, "generation", lambda batch, new_tokens, repeats, log: fake)
+    monkeypatch.setattr(benchmark, "generation", lambda batch, new_tokens, repeats, log, pair: fake)
+    monkeypatch.setattr(benchmark, "inference_pair", lambda: None)
     assert cli.main(["--quick", "--json", "--only", "generate_b1"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["rows"] == [fake.to_dict()]
