@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from core.config import ModelConfig
-from core.model import GPT, IGNORE_INDEX, KVCache, Linear, lm_head_cross_entropy, parameter_breakdown
+from core.model import (
+    GPT,
+    IGNORE_INDEX,
+    KVCache,
+    Linear,
+    _loss_chunk_rows,
+    lm_head_cross_entropy,
+    parameter_breakdown,
+)
 
 
 def test_gpt2_preset_has_exact_parameter_count_and_size():
@@ -130,12 +138,13 @@ def test_sequence_longer_than_context_is_refused(tiny_model, tiny_config):
         tiny_model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("vocab", [1000, 1024])  # logits rows padded to 1024 floats, and already aligned
 @pytest.mark.parametrize("chunk_rows", [3, 8, None])
-def test_fused_lm_head_loss_matches_cross_entropy_with_gradients(chunk_rows):
+def test_fused_lm_head_loss_matches_cross_entropy_with_gradients(chunk_rows, vocab):
     torch.manual_seed(0)
     x = torch.randn(37, 16, dtype=torch.float64)
-    weight = torch.randn(1000, 16, dtype=torch.float64)
-    targets = torch.randint(0, 1000, (37,))
+    weight = torch.randn(vocab, 16, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (37,))
     targets[::5] = IGNORE_INDEX
     xf, wf = x.float().requires_grad_(), weight.float().requires_grad_()
     (3 * lm_head_cross_entropy(xf, wf, targets, chunk_rows)).backward()
@@ -146,6 +155,13 @@ def test_fused_lm_head_loss_matches_cross_entropy_with_gradients(chunk_rows):
     torch.testing.assert_close(loss.double(), reference.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xf.grad.double(), xr.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(wf.grad.double(), wr.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_chunks_are_even_and_never_above_the_limit():
+    assert _loss_chunk_rows(50257, None, 2048) == 512  # 4 × 512 rather than 3 × 667 + 47
+    assert _loss_chunk_rows(50257, None, 100) == 100
+    assert _loss_chunk_rows(1000, 8, 37) == 8  # 5 chunks of at most 8 rows: 8, 8, 8, 8, 5
+    assert _loss_chunk_rows(1000, 3, 1) == 1
 
 
 def test_fused_loss_survives_extreme_logits_and_all_ignored_targets():
