@@ -95,6 +95,15 @@ def model_for(uri: str, name: str, version: int):
     return load_registered_model(client_for(uri), f"{name}/{version}")
 
 
+@st.cache_resource(show_spinner="Quantizing the model to int8…", max_entries=1)
+def int8_model_for(uri: str, name: str, version: int):
+    """An int8 copy of :func:`model_for`'s model (:func:`core.quantize.quantize_int8`), made once per version; the
+    cached fp32 model itself is left unchanged."""
+    from core.quantize import quantize_int8
+
+    return quantize_int8(model_for(uri, name, version)[0])
+
+
 REAP_TTL_S = 30
 """How often (seconds, per store) a page looks for runs whose training process died outside the app's jobs."""
 

@@ -497,3 +497,68 @@ def first_token(
         "s",
         f"registered {shape}: resolve + load (safetensors) + 1 sampled token, vs from_pretrained + generate",
     )
+
+
+# -- int8 dynamic quantization of a trained model -------------------------------------------------------------------
+
+INT8_EVAL_SHAPE = (8, 256)
+"""(B, T) of the validation batches the int8 rows evaluate (T capped at the model's context)."""
+
+
+def quantization(
+    model,
+    val_tokens,
+    *,
+    new_tokens: int = 256,
+    repeats: int = 3,
+    eval_batches: int = 8,
+    label: str = "the model",
+    log: Callable[[str], None] = print,
+    prompt: str = "ROMEO:",
+) -> list[Row]:
+    """What ``--quantize int8`` (:func:`core.quantize.quantize_int8`) does to a trained ``model`` (fp32, CPU):
+    ``generate_b1_int8``, its sampling tokens/s at batch 1 against the same model in fp32 (ratio = speed-up;
+    one warm-up each, then ``repeats`` alternating runs, medians), and ``val_loss_int8``, its mean loss on the
+    first ``eval_batches`` sequential batches of ``val_tokens`` against fp32's (ratio = fp32 / int8, so just
+    below 1 means a small loss increase; the note gives the change)."""
+    from core.quantize import mean_loss, quantize_int8
+    from core.sampling import generate
+    from core.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    quantized = quantize_int8(model)
+
+    def rate(which, n: int) -> float:
+        config = SampleConfig(max_new_tokens=n, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
+        return n / generate(which, tokenizer, prompt, config).seconds
+
+    rate(quantized, 8), rate(model, 8)  # warm-up
+    int8_rates, fp32_rates = [], []
+    for repeat in range(repeats):
+        int8_rates.append(rate(quantized, new_tokens))
+        fp32_rates.append(rate(model, new_tokens))
+        log(f"  repeat {repeat + 1}/{repeats}: int8 {int8_rates[-1]:.1f} tok/s, fp32 {fp32_rates[-1]:.1f}")
+    B, T = INT8_EVAL_SHAPE[0], min(INT8_EVAL_SHAPE[1], model.config.block_size)
+    eval_batches = max(1, min(eval_batches, (len(val_tokens) - 1) // (B * T)))
+    int8_loss = mean_loss(quantized, val_tokens, B, T, eval_batches)
+    fp32_loss = mean_loss(model, val_tokens, B, T, eval_batches)
+    change = int8_loss - fp32_loss
+    log(f"  validation loss over {eval_batches} × {B} × {T} tokens: int8 {int8_loss:.4f}, fp32 {fp32_loss:.4f}")
+    return [
+        higher_is_better(
+            "generate_b1_int8",
+            statistics.median(int8_rates),
+            statistics.median(fp32_rates),
+            "tokens/s",
+            f"{label}: int8 vs fp32, 1 × {new_tokens} new tokens, temperature {SAMPLING['temperature']}, "
+            f"top-k {SAMPLING['top_k']}",
+        ),
+        lower_is_better(
+            "val_loss_int8",
+            int8_loss,
+            fp32_loss,
+            "nats/token",
+            f"{label}: int8 vs fp32 on {eval_batches * B * T:,} validation tokens, change {change:+.4f} "
+            f"({100 * change / fp32_loss:+.2f}%)",
+        ),
+    ]

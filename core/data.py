@@ -97,7 +97,7 @@ def _download(url: str, cache_dir: Path) -> Path:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CorpusError(
-            f"cannot download {url}: {reason}. Check the network, or pass --source with a local copy of the file"
+            f"cannot download {url}: {reason}. Check the network, or give the path of a local copy of the file instead"
         ) from exc
     if len(data) > DOWNLOAD_LIMIT_BYTES:
         raise CorpusError(f"{url} is larger than {DOWNLOAD_LIMIT_BYTES // 2**20} MiB; download it and pass its path")

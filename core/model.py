@@ -355,9 +355,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         V = self.config.vocab_size  # rows past V (vocabulary padding) are never predicted
         if targets is not None:
-            if return_logits or x.device.type != "cpu":
-                # Plain logits: what return_logits asks for, and on accelerators, where the (B·T, V) matmul in
-                # bf16 and a compiled cross-entropy beat the CPU-oriented chunked loss.
+            if return_logits or x.device.type != "cpu" or not isinstance(self.lm_head, nn.Linear):
+                # Plain logits: what return_logits asks for; on accelerators, where the (B·T, V) matmul in bf16
+                # and a compiled cross-entropy beat the CPU-oriented chunked loss; and with a quantized LM head
+                # (core.quantize), whose int8 weight only its own module can multiply.
                 logits = self._logits(x)  # (B, T, V)
                 loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
                 return (logits if return_logits else None), loss

@@ -1,6 +1,6 @@
 """Measure the studio against a reference in the same run and print a table (medians of repeats).
 
-Usage: python -m pipelines.benchmark [--quick] [--json] [--only NAME ...] [--data PATH|URL]
+Usage: python -m pipelines.benchmark [--quick] [--json] [--only NAME ...] [--data PATH|URL] [--model REF]
 
 Rows (the reference is measured in the same process, on identical weights and inputs):
   generate_b1, generate_b5   sampling tokens/s of gpt2 (124M) vs transformers' GPT2LMHeadModel.generate
@@ -9,10 +9,13 @@ Rows (the reference is measured in the same process, on identical weights and in
   first_token                seconds from a registered 124M model to its first token vs from_pretrained + generate
   log_overhead               MLflow logging as % of the tiny preset's step time, asynchronous vs synchronous
   compare_fetch              Compare Runs' data work for 10 runs × 20,000 steps vs plain get_metric_history
+  int8                       generate_b1_int8 and val_loss_int8: a registered model (--model) with int8 linear
+                             layers vs the same model in fp32, speed at batch 1 and validation loss on --data
 --json writes {"rows": [{"name", "ours", "reference", "unit", "ratio", "note"}, ...]} to stdout, progress to stderr.
 A ratio above 1 means the studio is better. --quick (under 3 minutes on a 2-core laptop) uses fewer tokens, steps
 and repeats (64 new tokens per generation) and leaves out compare_fetch, whose reference alone takes about 40 s
-(ask for it with --only). The generation and training rows need transformers (pip install -r requirements-dev.txt).
+(ask for it with --only). The int8 rows run when --model names a trained model. The generation and training rows
+need transformers (pip install -r requirements-dev.txt).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from core.errors import UsageError
 from pipelines.cli import ArgumentParser, run
 
 SECTIONS = (
@@ -34,9 +38,12 @@ SECTIONS = (
     "first_token",
     "log_overhead",
     "compare_fetch",
+    "int8",
 )
 SLOW_SECTIONS = ("compare_fetch",)
 """Rows --quick leaves out unless --only names them."""
+MODEL_SECTIONS = ("int8",)
+"""Rows that measure a trained model: they run when --model names one."""
 
 
 def build_parser() -> ArgumentParser:
@@ -49,7 +56,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--data",
         default=os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL,
-        help="corpus of the log_overhead row (default: $SHAKESPEARE_SOURCE, else Tiny Shakespeare's URL)",
+        help="corpus of the log_overhead and int8 rows (default: $SHAKESPEARE_SOURCE, else Tiny Shakespeare's URL)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="REF",
+        help="registered model for the int8 rows: NAME (latest version), NAME/VERSION or NAME@ALIAS",
     )
     return parser
 
@@ -64,12 +76,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    selected = args.only or [s for s in SECTIONS if not (args.quick and s in SLOW_SECTIONS)]
+    selected = args.only or [
+        s
+        for s in SECTIONS
+        if not (args.quick and s in SLOW_SECTIONS) and (s not in MODEL_SECTIONS or args.model is not None)
+    ]
+    if "int8" in selected and args.model is None:
+        raise UsageError("the int8 rows measure a trained model: add --model NAME (for example shakespeare-gpt)")
     machine = benchmark.machine_description()
-    if "log_overhead" in selected:  # a missing or unreadable corpus fails now, not after minutes of other rows
+    # A missing corpus or model fails now, not after minutes of other rows.
+    if "log_overhead" in selected or "int8" in selected:
         from core.data import read_corpus
 
         read_corpus(args.data)
+    if "int8" in selected:
+        from core.registry import resolve_model_version
+        from core.store import connect
+
+        resolve_model_version(connect(), args.model)
     rows = []
 
     def measure(title: str, row: Callable[..., benchmark.Row], *row_args, **row_kwargs) -> None:
@@ -130,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             benchmark.compare_fetch,
             repeats=2 if args.quick else 3,
         )
+    if "int8" in selected:
+        progress(f"int8: {args.model} with int8 linear layers vs fp32, sampling at batch 1 and validation loss")
+        started = time.perf_counter()
+        rows.extend(_int8_rows(args, progress))
+        progress(f"  ({time.perf_counter() - started:.0f} s)")
 
     if args.json:
         print(json.dumps({"machine": machine, "rows": [row.to_dict() for row in rows]}, indent=2))
@@ -139,6 +168,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         print(f"{row.name:<16} {row.ours:>12.3f} {row.reference:>12.3f}  {row.unit:<16} {row.ratio:>6.2f}×  {row.note}")
     return 0
+
+
+def _int8_rows(args, progress: Callable[[str], None]) -> list:
+    from core import benchmark
+    from core.config import DataConfig
+    from core.data import prepare_corpus
+    from core.registry import load_registered_model
+    from core.store import connect
+    from core.tokenizer import get_tokenizer
+
+    model, version, _ = load_registered_model(connect(), args.model, device="cpu")
+    corpus = prepare_corpus(DataConfig(source=args.data), get_tokenizer())
+    return benchmark.quantization(
+        model,
+        corpus.tokens("val"),
+        new_tokens=64 if args.quick else 256,
+        repeats=2 if args.quick else 3,
+        eval_batches=4 if args.quick else 16,
+        label=f"{version.name}/{version.version}",
+        log=progress,
+    )
 
 
 if __name__ == "__main__":

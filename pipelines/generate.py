@@ -2,13 +2,15 @@
 
 Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS | --checkpoint DIR] --prompt TEXT
        [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-       [--device auto|cpu|cuda|mps] [--json]
+       [--device auto|cpu|cuda|mps] [--quantize none|int8] [--json]
 
 Without --model or --checkpoint it uses the latest version of the registered model ``shakespeare-gpt`` in the
 tracking store (``MLFLOW_TRACKING_URI``, default the SQLite store under ``mlruns/``).
 
 One sample streams to stdout as it is produced; several are printed one after another under a header each.
 --json prints {"samples": [...], "tokens_per_sec": ...}, each sample being the prompt plus its continuation.
+--quantize int8 generates on the CPU with int8 linear layers: about 2.7x the fp32 speed for gpt2 on a 2-core laptop,
+at a small cost in quality (``python -m pipelines.benchmark --only int8 --model NAME`` measures both).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP
+from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP, QUANTIZE_CHOICES
 from pipelines.cli import ArgumentParser, run
 
 
@@ -46,6 +48,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
     parser.add_argument("--no-eot-stop", action="store_true", help="keep going past <|endoftext|>")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="int8: int8 linear layers, CPU only, faster at a small cost in quality (default none: fp32)",
+    )
     parser.add_argument("--json", action="store_true", help='print {"samples": [...], "tokens_per_sec": ...}')
     return parser
 
@@ -55,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.checkpoint import load_checkpoint
     from core.config import SampleConfig
     from core.device import resolve_device
+    from core.errors import UsageError
     from core.sampling import TextStream
     from core.tokenizer import get_tokenizer
 
@@ -68,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_at_eot=not args.no_eot_stop,
     )
     tokenizer = get_tokenizer()
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.quantize == "int8" and args.device == "auto" else args.device)
+    if args.quantize == "int8" and device.type != "cpu":
+        raise UsageError(f"--quantize int8 runs on the CPU only, not {device.type}; use --device cpu")
     if args.checkpoint is not None:
         model, _ = load_checkpoint(args.checkpoint, device=device)
     else:
@@ -77,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model, version, _ = load_registered_model(connect(), args.model or DEFAULT_MODEL_NAME, device=device)
         print(f"model: {version.name}/{version.version} (run {version.run_id})", file=sys.stderr)
+    if args.quantize == "int8":
+        from core.quantize import quantize_int8
+
+        model = quantize_int8(model)
     stream = TextStream(model, tokenizer, args.prompt, config)
     if stream.prompt_cropped:
         print(

@@ -104,3 +104,23 @@ def test_running_out_of_memory_is_one_message(studio_store, monkeypatch):
     assert not app.exception
     [error] = app.error
     assert error.value.startswith("Generation failed: not enough memory") and "fewer samples" in error.value
+
+
+def test_int8_generation_is_reproducible_and_leaves_the_fp32_model_alone(studio_store):
+    app = app_page(PAGE).run()
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(6)
+    app.text_input[0].set_value("5")
+    app.button[0].click().run()
+    fp32 = samples(app)
+    app.toggle[0].set_value(True)
+    app.button[0].click().run()
+    assert not app.exception
+    int8 = samples(app)
+    assert len(int8) == 3 and all(text.startswith("<div class='sample'>ROMEO:") for text in int8)
+    assert any("(int8)" in c.value and "seed 5" in c.value for c in app.caption)
+    app.button[0].click().run()
+    assert samples(app) == int8  # the same seed, the same int8 text
+    app.toggle[0].set_value(False)
+    app.button[0].click().run()
+    assert samples(app) == fp32  # the cached fp32 model was not changed by quantizing
+    assert not any("(int8)" in c.value for c in app.caption)

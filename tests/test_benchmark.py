@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,26 @@ def test_cli_json_has_the_rows_and_the_machine(monkeypatch, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["rows"] == [fake.to_dict()]
     assert "cores" in document["machine"]
+
+
+def test_int8_rows_compare_the_quantized_model_with_itself_in_fp32(tiny_model, tokenizer):
+    val_tokens = np.asarray(tokenizer.encode("ROMEO: What light through yonder window breaks? " * 60), dtype=np.uint16)
+    lines: list[str] = []
+    speed, loss = benchmark.quantization(
+        tiny_model, val_tokens, new_tokens=6, repeats=1, eval_batches=2, label="tiny/1", log=lines.append
+    )
+    assert speed.name == "generate_b1_int8" and speed.unit == "tokens/s" and speed.ours > 0 and speed.reference > 0
+    assert loss.name == "val_loss_int8" and loss.unit == "nats/token"
+    assert loss.ratio == pytest.approx(loss.reference / loss.ours)
+    assert abs(loss.ours - loss.reference) < 0.05 * loss.reference
+    assert "tiny/1" in loss.note and "change" in loss.note
+    assert any("validation loss" in line for line in lines)
+
+
+def test_cli_int8_rows_need_a_model(capsys):
+    from pipelines import benchmark as cli
+
+    with pytest.raises(SystemExit) as exited:
+        run(cli.main, ["--only", "int8"])
+    assert exited.value.code == 2
+    assert "add --model" in capsys.readouterr().err

@@ -104,6 +104,19 @@ def test_generate_json_is_reproducible(tiny_checkpoint):
     assert first["samples"] == second["samples"]
 
 
+def test_generate_int8_is_reproducible_and_prints_only_the_text(tiny_checkpoint):
+    args = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--quantize", "int8")
+    first = cli(*args, "--max-new-tokens", "8", "--seed", "2", "--json")
+    second = cli(*args, "--max-new-tokens", "8", "--seed", "2", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["samples"] == json.loads(second.stdout)["samples"]
+    assert json.loads(first.stdout)["new_tokens"] == [8]
+    assert "Warning" not in first.stderr  # torch's deprecation notices about quantized tensors are kept out
+    streamed = cli(*args, "--max-new-tokens", "4")
+    assert streamed.returncode == 0 and streamed.stdout.startswith("ROMEO:")
+    assert streamed.stderr.strip().splitlines()[-1].startswith("4 new tokens at")
+
+
 def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
     prompt = "Now is the winter of our discontent. " * 20
     result = cli(
@@ -139,6 +152,8 @@ def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
         (["--prompt", "a", "--top-p", "1.5"], "top_p"),
         (["--prompt", "a", "--max-new-tokens", "lots"], "invalid int value"),
         (["--prompt", "a", "--device", "tpu"], "unknown device"),
+        (["--prompt", "a", "--quantize", "int4"], "invalid choice"),
+        (["--prompt", "a", "--quantize", "int8", "--device", "cuda"], "cuda"),  # CPU only, and no GPU here
     ],
 )
 def test_generate_bad_input_is_one_line_and_exit_2(tiny_checkpoint, extra, fragment):
