@@ -211,14 +211,17 @@ class Linear(nn.Linear):
         rows = x.numel() // x.size(-1)
         if x.device.type != "cpu" or rows > SMALL_ROWS or rows == 0:
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, x.size(-1)).contiguous()  # (n, in), row-major: x2.t() is a column-major operand
-        if rows == 1:
-            x2 = x2.repeat(2, 1)  # (2, in): a real copy (an expanded view would make the product copy it badly)
-        y = torch.mm(self.weight, x2.t())  # (out, n or 2)
-        if self.bias is not None:
-            y.add_(self.bias.unsqueeze(1))
-        y = y[:, :rows].t().contiguous()  # (n, out)
-        return y.view(*x.shape[:-1], self.weight.size(0))
+        # As few operations as possible: a decoded token runs ~50 of these, and each op's dispatch costs
+        # microseconds that add up next to the weights' streaming time.
+        x2 = x.reshape(rows, x.size(-1))  # (n, in)
+        # Row-major (n, in), so x2.t() is a column-major operand; one row is duplicated into a real copy (an
+        # expanded view would make the product copy it badly).
+        x2 = x2.expand(2, -1).contiguous() if rows == 1 else x2.contiguous()
+        if self.bias is None:
+            y = torch.mm(self.weight, x2.t())  # (out, n or 2)
+        else:
+            y = torch.addmm(self.bias.unsqueeze(1), self.weight, x2.t())  # (out, n or 2)
+        return y.t()[:rows].contiguous().view(*x.shape[:-1], self.weight.size(0))  # (..., out)
 
 
 class CausalSelfAttention(nn.Module):
