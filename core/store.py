@@ -100,8 +100,16 @@ def connect(uri: str | None = None):
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     elif scheme in ("http", "https"):
         check_server(uri)
+    # MLflow's setters also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which would make a later connect()
+    # without a URI (and every child process) use this store instead of the user's: keep the environment as it was.
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 import time
 
@@ -29,6 +30,16 @@ def test_the_environment_overrides_the_store(monkeypatch, tmp_path):
     experiment_id = store.ensure_experiment(client, "x")
     assert store.ensure_experiment(client, "x") == experiment_id  # idempotent
     assert client.get_experiment(experiment_id).artifact_location == (tmp_path / "artifacts").as_uri()
+
+
+def test_connecting_to_another_store_leaves_the_users_store_alone(monkeypatch, tmp_path):
+    users = f"sqlite:///{tmp_path / 'user' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", users)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    other = store.connect(f"sqlite:///{tmp_path / 'scratch' / 'mlflow.db'}")  # e.g. the benchmark's scratch store
+    assert other.tracking_uri.endswith("scratch/mlflow.db")
+    assert store.tracking_uri() == users and store.connect().tracking_uri == users
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 def test_an_unreachable_server_is_reported_at_once():
