@@ -7,6 +7,7 @@ is better: ours / reference for throughputs, reference / ours for costs (seconds
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import tempfile
@@ -268,10 +269,18 @@ def hf_twin(model, *, train: bool):
     transformers = import_transformers("the benchmark's reference (Hugging Face GPT2LMHeadModel)")
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(**hf_config_dict(model.config))
-    twin = transformers.GPT2LMHeadModel(config)
+    try:  # every weight is overwritten below: skip the random init (about 4 s of a --quick run for 124M)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers version: initialise, only slower
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        twin = transformers.GPT2LMHeadModel(config)
     missing, unexpected = twin.load_state_dict(to_hf_state_dict(model), strict=False)
     if unexpected or any(not key.endswith(("attn.bias", "attn.masked_bias", "lm_head.weight")) for key in missing):
         raise RuntimeError(f"the reference model did not take every weight: {missing} {unexpected}")
+    twin.tie_weights()
+    if twin.lm_head.weight.data_ptr() != twin.transformer.wte.weight.data_ptr():
+        raise RuntimeError("the reference model's LM head is not tied to its token embedding")
     twin.generation_config.eos_token_id = None  # random weights may emit <|endoftext|>: both sides run full length
     twin.generation_config.pad_token_id = 50256
     return twin.train(train)
