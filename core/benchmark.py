@@ -303,6 +303,18 @@ def inference_pair(config: ModelConfig | None = None) -> InferencePair:
     return InferencePair(model, hf_twin(model, train=False))
 
 
+def _sampling_seconds(model, tokenizer, prompt: str, batch: int, new_tokens: int) -> float:
+    """Seconds :func:`core.sampling.generate` takes for ``batch`` samples of exactly ``new_tokens`` new tokens each
+    (the benchmark's sampling settings and seed, no early stop)."""
+    from core.sampling import generate
+
+    config = SampleConfig(max_new_tokens=new_tokens, num_samples=batch, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
+    result = generate(model, tokenizer, prompt, config)
+    if sum(result.new_tokens) != batch * new_tokens:
+        raise RuntimeError(f"ours made {sum(result.new_tokens)} tokens, expected {batch * new_tokens}")
+    return result.seconds
+
+
 def generation(
     batch: int,
     new_tokens: int,
@@ -317,7 +329,6 @@ def generation(
     on identical weights and prompt, with the same temperature and top-k, neither stopping early. One short
     warm-up each, then ``repeats`` alternating runs; medians. ``pair`` is the models to use (default: a new
     :func:`inference_pair` of ``config``, whose default is the gpt2 preset)."""
-    from core.sampling import generate
     from core.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
@@ -326,11 +337,7 @@ def generation(
     prompt_ids = torch.tensor([tokenizer.encode(prompt)] * batch)
 
     def ours(n: int) -> float:
-        config = SampleConfig(max_new_tokens=n, num_samples=batch, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
-        result = generate(model, tokenizer, prompt, config)
-        if sum(result.new_tokens) != batch * n:
-            raise RuntimeError(f"ours made {sum(result.new_tokens)} tokens, expected {batch * n}")
-        return result.seconds
+        return _sampling_seconds(model, tokenizer, prompt, batch, n)
 
     def reference(n: int) -> float:
         started = time.perf_counter()
@@ -531,15 +538,13 @@ def quantization(
     first ``eval_batches`` sequential batches of ``val_tokens`` against fp32's (ratio = fp32 / int8, so just
     below 1 means a small loss increase; the note gives the change)."""
     from core.quantize import mean_loss, quantize_int8
-    from core.sampling import generate
     from core.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     quantized = quantize_int8(model)
 
     def rate(which, n: int) -> float:
-        config = SampleConfig(max_new_tokens=n, seed=BENCH_SEED, stop_at_eot=False, **SAMPLING)
-        return n / generate(which, tokenizer, prompt, config).seconds
+        return n / _sampling_seconds(which, tokenizer, prompt, 1, n)
 
     rate(quantized, 8), rate(model, 8)  # warm-up
     int8_rates, fp32_rates = [], []

@@ -90,8 +90,7 @@ def _lm_head_loss_and_grads(
     count, is the gradient of the logits, so two matmuls per chunk give grad_x and add to grad_w. The full (N, V)
     logits, their log-softmax and its gradient never exist, and the logits are touched only by the matmuls, the
     cache-friendly softmax kernel and a few gathers. Returns (loss (), grad_x (N, C) or None, grad_w (V, C) or
-    None), the
-    gradients being those of the mean loss.
+    None), the gradients being those of the mean loss.
     """
     with torch.autocast(x.device.type, enabled=False):  # fp32 throughout: the sums over V need it
         return _loss_and_grads_fp32(x.float(), weight.float(), targets, chunk_rows, grad_x, grad_w)

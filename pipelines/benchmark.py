@@ -96,11 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_model_version(connect(), args.model)
     rows = []
 
-    def measure(title: str, row: Callable[..., benchmark.Row], *row_args, **row_kwargs) -> None:
+    def measure(title: str, section: Callable[..., benchmark.Row | list[benchmark.Row]], *args, **kwargs) -> None:
+        """Run one section (its row, or its rows), printing its title, then its ratios and time."""
         progress(title)
         started = time.perf_counter()
-        rows.append(row(*row_args, log=progress, **row_kwargs))
-        progress(f"  ratio {rows[-1].ratio:.2f}× ({time.perf_counter() - started:.0f} s)")
+        measured = section(*args, log=progress, **kwargs)
+        measured = measured if isinstance(measured, list) else [measured]
+        rows.extend(measured)
+        ratios = ", ".join(f"{row.ratio:.2f}×" for row in measured)
+        progress(f"  ratio {ratios} ({time.perf_counter() - started:.0f} s)")
 
     generation_rows = {"generate_b1", "generate_b5", "first_token"}.intersection(selected)
     pair = benchmark.inference_pair() if generation_rows else None  # one 124M pair for these rows
@@ -156,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=2 if args.quick else 3,
         )
     if "int8" in selected:
-        progress(f"int8: {args.model} with int8 linear layers vs fp32, sampling at batch 1 and validation loss")
-        started = time.perf_counter()
-        rows.extend(_int8_rows(args, progress))
-        progress(f"  ({time.perf_counter() - started:.0f} s)")
+        measure(
+            f"int8: {args.model} with int8 linear layers vs fp32, sampling at batch 1 and validation loss",
+            _int8_rows,
+            args,
+        )
 
     if args.json:
         print(json.dumps({"machine": machine, "rows": [row.to_dict() for row in rows]}, indent=2))
@@ -171,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _int8_rows(args, progress: Callable[[str], None]) -> list:
+def _int8_rows(args, log: Callable[[str], None]) -> list:
     from core import benchmark
     from core.config import DataConfig
     from core.data import prepare_corpus
@@ -188,7 +193,7 @@ def _int8_rows(args, progress: Callable[[str], None]) -> list:
         repeats=2 if args.quick else 3,
         eval_batches=4 if args.quick else 16,
         label=f"{version.name}/{version.version}",
-        log=progress,
+        log=log,
     )
 
 
