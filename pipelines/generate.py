@@ -9,7 +9,7 @@ tracking store (``MLFLOW_TRACKING_URI``, default the SQLite store under ``mlruns
 
 One sample streams to stdout as it is produced; several are printed one after another under a header each.
 --json prints {"samples": [...], "tokens_per_sec": ...}, each sample being the prompt plus its continuation.
---quantize int8 generates on the CPU with int8 linear layers: about 2.7x the fp32 speed for gpt2 on a 2-core laptop,
+--quantize int8 generates on the CPU with int8 linear layers: about 2.4x the fp32 speed for gpt2 on a 2-core laptop,
 at a small cost in quality (``python -m pipelines.benchmark --only int8 --model NAME`` measures both).
 """
 
