@@ -791,11 +791,36 @@ def _live_group_members(pgid: int) -> list[int]:
     return members
 
 
-def _wait_until_gone(pid: int, pgid: int, create_time: float | None, timeout: float) -> bool:
-    """Wait until the job's process has exited (and is reaped, if it is our child) and its group has no live
-    member left; False if that takes more than ``timeout`` seconds."""
+def _descendants(pid: int, create_time: float | None) -> list[psutil.Process]:
+    """Every process the job's process has started, in its group or not: torchrun starts each worker in a session
+    of its own, out of reach of the group's signals. Empty once the job's process is gone."""
+    if not _process_alive(pid, create_time):
+        return []
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []  # it exited while we looked
+
+
+def _still_running(process: psutil.Process) -> bool:
+    """Whether ``process`` runs (psutil checks its start time, so a reused pid does not count); a zombie has ended."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _wait_until_gone(
+    pid: int, pgid: int, create_time: float | None, descendants: list[psutil.Process], timeout: float
+) -> bool:
+    """Wait until the job's process has exited (and is reaped, if it is our child), its group has no live member
+    left and none of ``descendants`` runs; False if that takes more than ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while _process_alive(pid, create_time) or _live_group_members(pgid):
+    while (
+        _process_alive(pid, create_time)
+        or _live_group_members(pgid)
+        or any(_still_running(process) for process in descendants)
+    ):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_INTERVAL)
@@ -806,8 +831,9 @@ def cancel_job(job_id: str, jobs_root: str | Path | None = None, timeout: float 
     """Stop job ``job_id`` and return it in its final state (normally ``killed``).
 
     Sends SIGTERM to the job's process group, so training stops after its current step, saves a checkpoint and
-    ends its run KILLED; if the process has not exited after ``timeout`` seconds, the group gets SIGKILL. If the run
-    is then still RUNNING it is set KILLED. Cancelling a job that has already ended does nothing and returns it.
+    ends its run KILLED (torchrun's launcher passes it on to its workers); if the processes have not exited after
+    ``timeout`` seconds, the group and every process the job started get SIGKILL. If the run is then still RUNNING
+    it is set KILLED. Cancelling a job that has already ended does nothing and returns it.
     Blocks until the process is gone (at most ``timeout`` + a few seconds). POSIX only.
     """
     _require_posix()
@@ -829,14 +855,21 @@ def cancel_job(job_id: str, jobs_root: str | Path | None = None, timeout: float 
     pgid = meta.get("pgid") or pid
     # Signal the group only while its leader is verifiably our process: a reused pid must never be signalled.
     if _process_alive(pid, create_time):
+        # torchrun's workers, in sessions of their own, get the SIGTERM from the launcher, which waits for them;
+        # taken now, while the launcher is their parent, so that they can be waited for and killed too.
+        descendants = _descendants(pid, create_time)
         with contextlib.suppress(ProcessLookupError):  # it exited between the check and the signal
             os.killpg(pgid, signal.SIGTERM)
-        if not _wait_until_gone(pid, pgid, create_time, max(0.0, deadline - time.monotonic())):
+        if not _wait_until_gone(pid, pgid, create_time, descendants, max(0.0, deadline - time.monotonic())):
             # Still there after the timeout (a long final evaluation, or hung): no more waiting. The group was
             # verifiably the job's a moment ago, and its members (the trainer and anything it started) all go.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            if not _wait_until_gone(pid, pgid, create_time, _SIGKILL_WAIT):
+            for process in descendants:
+                # psutil refuses a pid that no longer belongs to the process it listed
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    process.kill()
+            if not _wait_until_gone(pid, pgid, create_time, descendants, _SIGKILL_WAIT):
                 raise JobError(f"job {job_id}: processes of group {pgid} are still alive after SIGKILL")
     # Ends a still-RUNNING run KILLED; an unreachable store shows in the job's reason (the process is gone anyway).
     return get_job(job_id, jobs_root)

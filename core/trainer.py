@@ -365,8 +365,6 @@ class Trainer:
             # rank was asked to stop, so all ranks leave the loop after the same step.
             loss_sum, stops = all_reduce_sum([loss_value, float(self._stop_reason is not None)], self.dist)
             loss_value = loss_sum / self.dist.world_size
-            if stops and self._stop_reason is None:
-                self._stop_reason = "stopped: another process of the job was stopped"
             elapsed = time.perf_counter() - started
             run.step += 1
             step = run.step
@@ -400,8 +398,12 @@ class Trainer:
             if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
                 stop_reason = "target_loss"
                 break
-            if self._stop_reason is not None:
-                stop_reason = self._stop_reason
+            # Alone, a request made at any time during the step (a signal, a callback) ends the training here. In a
+            # job of several processes only the reduced flag decides: a signal landing on one rank after the
+            # collective would let that rank leave a step before the others, which then wait in the next step's
+            # gradient all-reduce for ever. Such a late request is carried by the next step's collective.
+            if (stops > 0) if self.dist.enabled else (self._stop_reason is not None):
+                stop_reason = self._stop_reason or "stopped: another process of the job was stopped"
                 break
 
         step = run.step

@@ -92,6 +92,61 @@ def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(shakespeare
         TrainConfig(grad_accum=0)
 
 
+# ---- a stop that lands on one process only ----
+
+
+def _train_one_rank(rank: int, store_file: str, corpus: str, out: str) -> None:
+    """Rank ``rank`` of a 2-process job joined through a file store. Rank 1 is asked to stop from its step-3 hook,
+    that is after the step's collective: the moment a signal torchrun forwards to one worker can land."""
+    import torch.distributed as torch_dist
+
+    from core.trainer import Callback
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        data = DataConfig(source=corpus, batch_size=2, block_size=32)
+        config = TrainConfig(
+            max_steps=20, target_loss=0, eval_interval=0, sample_interval=0, checkpoint_interval=0, device="cpu",
+        )  # fmt: skip
+        trainer = Trainer(TINY, data, config, dist=DistContext(rank=rank, world_size=2))
+
+        class LateStop(Callback):
+            def on_step(self, step: int, metrics: dict[str, float]) -> None:
+                if rank == 1 and step == 3:
+                    trainer.request_stop("SIGTERM")
+
+        trainer.callbacks.append(LateStop())
+        result = trainer.fit(f"{out}/checkpoints")
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"steps": result.steps, "stop_reason": result.stop_reason}, f)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_stop_that_lands_on_one_rank_after_the_collective_ends_every_rank_after_the_same_step(
+    tmp_path, shakespeare_path
+):
+    """The stop is carried by the next step's collective: both ranks leave after step 4. Leaving at step 3 on rank
+    1 alone would leave rank 0 waiting in step 4's gradient all-reduce for ever (a cancelled job that never ends)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _train_one_rank, args=(str(tmp_path / "store"), str(shakespeare_path), str(tmp_path)), nprocs=2,
+        join=False, start_method="spawn",
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two ranks deadlocked: one left the training loop a step before the other")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["steps"] for r in results] == [4, 4]
+    assert results[1]["stop_reason"] == "stopped: SIGTERM"
+    assert results[0]["stop_reason"] == "stopped: another process of the job was stopped"
+
+
 # ---- real torchrun jobs ----
 
 SMALL_MODEL = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context", "32"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -439,6 +440,42 @@ def test_cancel_kills_a_process_that_ignores_sigterm_and_ends_its_run_killed(tmp
             os.killpg(stubborn.pid, signal.SIGKILL)
         stubborn.wait()
         stubborn.stdout.close()
+
+
+STUBBORN_LAUNCHER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+worker = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
+    start_new_session=True,
+)
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_cancel_also_kills_a_hung_worker_in_a_session_of_its_own(tmp_path):
+    """Like a torchrun launcher whose workers hang: the group's SIGKILL cannot reach a worker in another session, so
+    cancel kills every process the job started, and only returns once they are all gone."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN_LAUNCHER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    worker = psutil.Process(int(launcher.stdout.readline()))
+    try:
+        assert os.getpgid(worker.pid) != launcher.pid  # out of the launcher's group
+        job_dir = make_job(
+            tmp_path, "20260101-000001-aaaaaa", pid=launcher.pid, create_time=psutil.Process(launcher.pid).create_time()
+        )
+        info = cancel_job(job_dir.name, tmp_path, timeout=0.5)
+        assert info.state == "killed"
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone, and even reaped by its new parent
+            assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, "the worker outlived the cancel"
+    finally:
+        for pid in (launcher.pid, worker.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+        launcher.stdout.close()
 
 
 def test_an_unreachable_tracking_server_is_tried_once_per_listing(tmp_path, gone_pid, monkeypatch):
