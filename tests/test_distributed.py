@@ -94,53 +94,62 @@ def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(shakespeare
 
 # ---- a stop that lands on one process only ----
 
+LATE_STOP_RANK = """
+import json, sys
+import torch.distributed as torch_dist
+from core.config import DataConfig, ModelConfig, TrainConfig
+from core.distributed import DistContext
+from core.trainer import Callback, Trainer
 
-def _train_one_rank(rank: int, store_file: str, corpus: str, out: str) -> None:
-    """Rank ``rank`` of a 2-process job joined through a file store. Rank 1 is asked to stop from its step-3 hook,
-    that is after the step's collective: the moment a signal torchrun forwards to one worker can land."""
-    import torch.distributed as torch_dist
+rank, store_file, corpus, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+torch_dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+data = DataConfig(source=corpus, batch_size=2, block_size=32)
+config = TrainConfig(
+    max_steps=20, target_loss=0, eval_interval=0, sample_interval=0, checkpoint_interval=0, device="cpu"
+)
+model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+trainer = Trainer(model, data, config, dist=DistContext(rank=rank, world_size=2))
 
-    from core.trainer import Callback
 
-    torch_dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
-    try:
-        data = DataConfig(source=corpus, batch_size=2, block_size=32)
-        config = TrainConfig(
-            max_steps=20, target_loss=0, eval_interval=0, sample_interval=0, checkpoint_interval=0, device="cpu",
-        )  # fmt: skip
-        trainer = Trainer(TINY, data, config, dist=DistContext(rank=rank, world_size=2))
+class LateStop(Callback):
+    # on_step runs after the step's collective: the moment a signal torchrun forwards to one worker can land.
+    def on_step(self, step, metrics):
+        if rank == 1 and step == 3:
+            trainer.request_stop("SIGTERM")
 
-        class LateStop(Callback):
-            def on_step(self, step: int, metrics: dict[str, float]) -> None:
-                if rank == 1 and step == 3:
-                    trainer.request_stop("SIGTERM")
 
-        trainer.callbacks.append(LateStop())
-        result = trainer.fit(f"{out}/checkpoints")
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"steps": result.steps, "stop_reason": result.stop_reason}, f)
-    finally:
-        torch_dist.destroy_process_group()
+trainer.callbacks.append(LateStop())
+result = trainer.fit(f"{out}/checkpoints")
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"steps": result.steps, "stop_reason": result.stop_reason}, f)
+torch_dist.destroy_process_group()
+"""
 
 
 @pytest.mark.slow
 def test_a_stop_that_lands_on_one_rank_after_the_collective_ends_every_rank_after_the_same_step(
     tmp_path, shakespeare_path
 ):
-    """The stop is carried by the next step's collective: both ranks leave after step 4. Leaving at step 3 on rank
-    1 alone would leave rank 0 waiting in step 4's gradient all-reduce for ever (a cancelled job that never ends)."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(
-        _train_one_rank, args=(str(tmp_path / "store"), str(shakespeare_path), str(tmp_path)), nprocs=2,
-        join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
+    """Two processes of a gloo group; rank 1 is asked to stop after step 3's collective. The stop is carried by the
+    next step's collective: both ranks leave after step 4. Leaving at step 3 on rank 1 alone would leave rank 0
+    waiting in step 4's gradient all-reduce (a cancelled job that never ends)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    paths = [str(tmp_path / "store"), str(shakespeare_path), str(tmp_path)]
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", LATE_STOP_RANK, str(rank), *paths], cwd=REPO, env=env, **output)
+        for rank in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two ranks deadlocked: one left the training loop a step before the other")
+    finally:
+        for process in ranks:
+            if process.poll() is None:
                 process.kill()
-            pytest.fail("the two ranks deadlocked: one left the training loop a step before the other")
+                process.wait()
+    assert [process.returncode for process in ranks] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["steps"] for r in results] == [4, 4]
     assert results[1]["stop_reason"] == "stopped: SIGTERM"
