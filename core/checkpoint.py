@@ -75,6 +75,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def restore_interrupted_save(directory: str | Path) -> bool:
+    """Undo a save killed between its two renames (see :func:`_atomic_folder`): ``directory`` is missing and its
+    previous version, complete, sits beside it as ``.<name>.old-<pid>``. That version is put back (the newest, if
+    several) unless the process that retired it still runs: its save is under way and renames the new version in a
+    moment. Returns whether a folder was put back.
+    """
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return False
+    interrupted = []
+    for retired in directory.parent.glob(f".{directory.name}.old-*"):
+        pid = retired.name.rsplit("-", 1)[-1]
+        if retired.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            interrupted.append((retired.stat().st_mtime, retired))
+    if not interrupted:
+        return False
+    os.replace(max(interrupted)[1], directory)
+    _fsync_dir(directory.parent)
+    return True
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @contextmanager
 def _atomic_folder(directory: Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``directory``; when the block ends normally, fsync every file in it
@@ -85,6 +116,7 @@ def _atomic_folder(directory: Path) -> Iterator[Path]:
     ``.<name>.saving-*`` folder behind; nothing reads those.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_save(directory)  # so that the retired folder of an earlier crash is replaced, not kept
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
     try:
         yield staging
@@ -94,6 +126,8 @@ def _atomic_folder(directory: Path) -> Iterator[Path]:
         _fsync_dir(staging)
         retired = None
         if directory.exists():
+            # Between this rename and the next one there is no ``directory``: a process killed in that moment
+            # leaves the previous version here, complete, and restore_interrupted_save() puts it back.
             retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
             os.replace(directory, retired)
         os.replace(staging, directory)
@@ -135,6 +169,7 @@ def save_checkpoint(model: GPT, directory: str | Path, metadata: dict[str, Any] 
 def read_checkpoint_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config and the whole config.json document of a checkpoint, validated."""
     directory = Path(directory)
+    restore_interrupted_save(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {directory}")
     config_path = directory / CONFIG_FILE
@@ -297,7 +332,7 @@ def prune_resumable_checkpoints(root: str | Path, keep: int) -> list[Path]:
         if path.name == latest:
             continue
         # Renamed out of sight first: a crash mid-delete must not leave a half-deleted folder named like a checkpoint.
-        doomed = root / f".{path.name}.old-{os.getpid()}"
+        doomed = root / f".{path.name}.deleting-{os.getpid()}"
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         deleted.append(path)

@@ -1,11 +1,22 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from core import checkpoint as checkpoint_module
-from core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
+from core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_config,
+    restore_interrupted_save,
+    save_checkpoint,
+)
+from tests.conftest import REPO
 
 
 def test_round_trip_gives_the_same_logits(tiny_model, tiny_checkpoint):
@@ -99,6 +110,52 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tiny_model, tiny_checkpo
     assert (tiny_checkpoint / "model.safetensors").read_bytes() == before
     assert [p.name for p in tiny_checkpoint.parent.iterdir() if p.name.startswith(".")] == []
     load_checkpoint(tiny_checkpoint)
+
+
+KILLED_BETWEEN_THE_RENAMES = """
+import os, signal, sys
+import torch
+from core.checkpoint import load_checkpoint, save_checkpoint
+
+model, _ = load_checkpoint(sys.argv[1])
+with torch.no_grad():
+    model.transformer.wpe.weight.add_(1.0)
+real_replace, renames = os.replace, []
+
+
+def replace(src, dst):
+    renames.append(dst)
+    if len(renames) == 2:  # the old folder is retired; the new one is about to take its name
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+
+os.replace = replace
+save_checkpoint(model, sys.argv[1])
+"""
+
+
+def test_a_save_killed_between_its_renames_leaves_the_previous_checkpoint_readable(tiny_checkpoint):
+    before = (tiny_checkpoint / "model.safetensors").read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_THE_RENAMES, str(tiny_checkpoint)], cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert not tiny_checkpoint.exists()  # the moment the kill caught: only the hidden retired folder is left
+
+    load_checkpoint(tiny_checkpoint)  # the first reader puts the previous version back
+    assert (tiny_checkpoint / "model.safetensors").read_bytes() == before
+    assert not list(tiny_checkpoint.parent.glob(".tiny-checkpoint.old-*"))
+
+
+def test_a_save_still_under_way_is_left_alone(tiny_checkpoint):
+    # Retired by this (live) process: its save renames the new folder in a moment, so readers must not interfere.
+    retired = tiny_checkpoint.parent / f".{tiny_checkpoint.name}.old-{os.getpid()}"
+    os.replace(tiny_checkpoint, retired)
+    assert restore_interrupted_save(tiny_checkpoint) is False
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_checkpoint(tiny_checkpoint)
+    assert retired.is_dir()
 
 
 def test_saving_over_a_checkpoint_replaces_it(tiny_model, tiny_checkpoint):
