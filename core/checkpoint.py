@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -87,22 +88,12 @@ def restore_interrupted_save(directory: str | Path) -> bool:
     interrupted = []
     for retired in directory.parent.glob(f".{directory.name}.old-*"):
         pid = retired.name.rsplit("-", 1)[-1]
-        if retired.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+        if retired.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
             interrupted.append((retired.stat().st_mtime, retired))
     if not interrupted:
         return False
     os.replace(max(interrupted)[1], directory)
     _fsync_dir(directory.parent)
-    return True
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
     return True
 
 

@@ -791,23 +791,13 @@ def _live_group_members(pgid: int) -> list[int]:
     return members
 
 
-def _descendants(pid: int, create_time: float | None) -> list[psutil.Process]:
-    """Every process the job's process has started, in its group or not: torchrun starts each worker in a session
-    of its own, out of reach of the group's signals. Empty once the job's process is gone."""
-    if not _process_alive(pid, create_time):
-        return []
+def _descendants(pid: int) -> list[psutil.Process]:
+    """Every process that ``pid`` has started, in its group or not: torchrun starts each worker in a session of its
+    own, out of reach of the group's signals."""
     try:
         return psutil.Process(pid).children(recursive=True)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []  # it exited while we looked
-
-
-def _still_running(process: psutil.Process) -> bool:
-    """Whether ``process`` runs (psutil checks its start time, so a reused pid does not count); a zombie has ended."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def _wait_until_gone(
@@ -819,7 +809,7 @@ def _wait_until_gone(
     while (
         _process_alive(pid, create_time)
         or _live_group_members(pgid)
-        or any(_still_running(process) for process in descendants)
+        or any(_process_alive(process.pid, process.create_time()) for process in descendants)
     ):
         if time.monotonic() >= deadline:
             return False
@@ -857,7 +847,7 @@ def cancel_job(job_id: str, jobs_root: str | Path | None = None, timeout: float 
     if _process_alive(pid, create_time):
         # torchrun's workers, in sessions of their own, get the SIGTERM from the launcher, which waits for them;
         # taken now, while the launcher is their parent, so that they can be waited for and killed too.
-        descendants = _descendants(pid, create_time)
+        descendants = _descendants(pid)
         with contextlib.suppress(ProcessLookupError):  # it exited between the check and the signal
             os.killpg(pgid, signal.SIGTERM)
         if not _wait_until_gone(pid, pgid, create_time, descendants, max(0.0, deadline - time.monotonic())):

@@ -89,11 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from core.data import read_corpus
 
         read_corpus(args.data)
+    model_ref = None
     if "int8" in selected:
         from core.registry import resolve_model_version
         from core.store import connect
 
-        resolve_model_version(connect(), args.model)
+        # Pinned now: a version registered while the other rows run must not change which one the int8 rows load.
+        version = resolve_model_version(connect(), args.model)
+        model_ref = f"{version.name}/{version.version}"
     rows = []
 
     def measure(title: str, section: Callable[..., benchmark.Row | list[benchmark.Row]], *args, **kwargs) -> None:
@@ -161,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if "int8" in selected:
         measure(
-            f"int8: {args.model} with int8 linear layers vs fp32, sampling at batch 1 and validation loss",
+            f"int8: {model_ref} with int8 linear layers vs fp32, sampling at batch 1 and validation loss",
             _int8_rows,
+            model_ref,
             args,
         )
 
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _int8_rows(args, log: Callable[[str], None]) -> list:
+def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
     from core import benchmark
     from core.config import DataConfig
     from core.data import prepare_corpus
@@ -184,7 +188,7 @@ def _int8_rows(args, log: Callable[[str], None]) -> list:
     from core.store import connect
     from core.tokenizer import get_tokenizer
 
-    model, version, _ = load_registered_model(connect(), args.model, device="cpu")
+    model, _, _ = load_registered_model(connect(), model_ref, device="cpu")
     corpus = prepare_corpus(DataConfig(source=args.data), get_tokenizer())
     return benchmark.quantization(
         model,
@@ -192,7 +196,7 @@ def _int8_rows(args, log: Callable[[str], None]) -> list:
         new_tokens=64 if args.quick else 256,
         repeats=2 if args.quick else 3,
         eval_batches=4 if args.quick else 16,
-        label=f"{version.name}/{version.version}",
+        label=model_ref,
         log=log,
     )
 

@@ -99,3 +99,15 @@ def test_cli_int8_rows_need_a_model(capsys):
         run(cli.main, ["--only", "int8"])
     assert exited.value.code == 2
     assert "add --model" in capsys.readouterr().err
+
+
+def test_cli_int8_rows_measure_the_version_the_reference_named_at_the_start(studio_store, shakespeare_path, capsys):
+    from pipelines import benchmark as cli
+
+    model = ["--model", "shakespeare-gpt@champion"]
+    assert cli.main(["--quick", "--json", "--only", "int8", *model, "--data", str(shakespeare_path)]) == 0
+    captured = capsys.readouterr()
+    speed, loss = json.loads(captured.out)["rows"]
+    assert (speed["name"], loss["name"]) == ("generate_b1_int8", "val_loss_int8")
+    assert speed["note"].startswith("shakespeare-gpt/1: int8 vs fp32") and loss["ratio"] > 0
+    assert "int8: shakespeare-gpt/1 with int8 linear layers" in captured.err
