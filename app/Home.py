@@ -46,11 +46,22 @@ jobs = ui.safely("Reading the training jobs failed", list_jobs)
 active = [job for job in jobs if job.is_active]
 died = [job for job in jobs if job.state == "died"]
 
-metrics = st.columns(4)
+metrics = st.columns(5)
 metrics[0].metric("Runs", len(all_runs))
 metrics[1].metric("Finished runs", int((all_runs["status"] == "FINISHED").sum()) if len(all_runs) else 0)
 metrics[2].metric("Registered models", models["name"].nunique() if len(models) else 0)
 metrics[3].metric("Model versions", len(models))
+best_bpc = all_runs["metrics.best_val_bpc"].dropna() if "metrics.best_val_bpc" in all_runs else all_runs.iloc[:0, 0]
+if len(best_bpc):
+    best_run = all_runs.loc[best_bpc.idxmin()]
+    metrics[4].metric(
+        "Best held-out bpc",
+        f"{best_bpc.min():.3f}",
+        help=f"bits per character on the validation split, lowest of any run: {best_run['run_name']} "
+        "(pretrained GPT-2 scores 1.88 zero-shot; nanoGPT's character model 2.71 in 3 CPU minutes)",
+    )
+else:
+    metrics[4].metric("Best held-out bpc", "–", help="no run has evaluated on the validation split yet")
 
 st.subheader("Active training jobs")
 if not active:
@@ -70,6 +81,8 @@ if jobs:
 if len(models):
     st.subheader("Latest registered versions")
     latest = models.drop_duplicates("name")[["name", "version", "aliases", "created", "run_id"]]
+    if "metrics.best_val_bpc" in all_runs:  # the held-out quality of the run each version came from
+        latest = latest.assign(best_val_bpc=latest["run_id"].map(all_runs.set_index("run_id")["metrics.best_val_bpc"]))
     st.dataframe(
         latest,
         hide_index=True,
@@ -77,6 +90,7 @@ if len(models):
         column_config={
             "name": "model",
             "aliases": "aliases",
+            "best_val_bpc": st.column_config.NumberColumn("best held-out bpc", format="%.3f"),
             "created": st.column_config.DatetimeColumn("registered (UTC)", format="YYYY-MM-DD HH:mm"),
             "run_id": "source run",
         },

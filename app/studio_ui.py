@@ -104,6 +104,56 @@ def int8_model_for(uri: str, name: str, version: int):
     return quantize_int8(model_for(uri, name, version)[0])
 
 
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def training_run_data(uri: str, run_id: str) -> tuple[dict[str, str], str | None]:
+    """The params of run ``run_id`` and its ``dataset_sha256`` tag (None when it has none): what
+    :func:`copy_meter` needs to find the training split a registered model was trained on."""
+    data = client_for(uri).get_run(run_id).data
+    return dict(data.params), data.tags.get("dataset_sha256")
+
+
+@st.cache_resource(show_spinner="Indexing the training split for the memorisation meter…", max_entries=2)
+def copy_index_for(directory: str, sha256: str, _corpus):
+    """:func:`core.memorization.index_for` of the prepared corpus ``_corpus`` (cached by its folder and content
+    hash, for every session)."""
+    from core.memorization import index_for
+
+    return index_for(_corpus)
+
+
+def copy_meter(uri: str, run_id: str | None):
+    """The memorisation meter's index of the training split a model's run trained on (its ``data_source`` param,
+    else ``$SHAKESPEARE_SOURCE``, else Tiny Shakespeare's URL), and a note to show: why there is no index (the
+    corpus cannot be had, e.g. offline and not downloaded), or that the corpus is not the one the model saw."""
+    from core.data import CorpusError, prepare_corpus
+    from core.memorization import corpus_mismatch, training_data
+    from core.tokenizer import get_tokenizer
+
+    params, trained_sha256 = training_run_data(uri, run_id) if run_id else ({}, None)
+    try:
+        corpus = prepare_corpus(training_data(params), get_tokenizer())
+    except CorpusError as exc:
+        return None, f"Memorisation not measured: {exc}"
+    index = copy_index_for(str(corpus.directory.resolve()), corpus.meta["sha256"], corpus)
+    return index, corpus_mismatch(corpus, trained_sha256)
+
+
+def show_copy_report(report) -> None:
+    """A :class:`core.memorization.CopyReport` under a sample: the share of copied 8-token spans and the longest
+    copied span as a caption, the copied text in an expander."""
+    from core.memorization import COPY_SHARE_GOAL, SPAN_TOKENS
+
+    if report.copied_share is None:
+        share = f"no {SPAN_TOKENS}-token spans to check ({report.tokens} tokens)"
+    else:
+        mark = "✅" if report.copied_share < COPY_SHARE_GOAL else "⚠️"
+        share = f"{mark} copied **{report.copied_share:.1%}** of {report.spans} {SPAN_TOKENS}-token spans"
+    st.caption(f"{share} · longest copied span **{report.longest_copy_chars}** chars")
+    if report.longest_copy_chars:
+        with st.expander("Longest span found in the training split"):
+            st.code(report.longest_copy_text, language=None, wrap_lines=True)  # st.text would strip its spaces
+
+
 REAP_TTL_S = 30
 """How often (seconds, per store) a page looks for runs whose training process died outside the app's jobs."""
 

@@ -31,9 +31,30 @@ QUANTIZE_CHOICES = ("none", "int8")
 MAX_PEAK_TFLOPS = 100_000
 """Largest ``peak_tflops`` a training config accepts: far above any single accelerator, far below FLOP/s units."""
 
+MIN_TIME_BUDGET = 10.0
+"""Shortest time budget a training run accepts, in seconds: below it the first steps' timing is the whole run."""
+
+_DURATION = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(s|sec|m|min|h)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ALIAS = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]{0,127}")
 _RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90s``, ``10m``, ``1.5h`` or ``600`` (plain numbers are seconds).
+
+    Raises ``ValueError`` with a one-line message for anything else, a zero or negative duration included.
+    """
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"a duration looks like 90s, 10m or 1h, got {text!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be longer than zero, got {text!r}")
+    return seconds
 
 
 def _require(condition: bool, message: str) -> None:
@@ -130,8 +151,39 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "small": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
     "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "shakespeare-cpu": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=128),
 }
-"""Named model shapes. ``gpt2`` is the reference design: 124,439,808 parameters."""
+"""Named model shapes. ``gpt2`` is the reference design: 124,439,808 parameters; ``shakespeare-cpu`` is the shape of
+the CPU time-budget recipe (:data:`RECIPES`)."""
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "shakespeare-cpu": {
+        "batch_size": 16,
+        "block_size": 128,
+        "order": "random",
+        "max_steps": 1_000_000,
+        "target_loss": 0.0,
+        "lr": 3e-3,
+        "warmup_fraction": 0.05,
+        "weight_decay": 0.1,
+        "grad_clip": 1.0,
+        "tie_unused_tokens": True,
+        "eval_interval": 200,
+        "sample_interval": 200,
+        "checkpoint_interval": 200,
+    },
+}
+"""Data and training settings measured to give the lowest held-out bits per character for a preset on a CPU time
+budget (README, "Quality per CPU-minute"); any flag given explicitly overrides them. Fields of :class:`DataConfig`
+and :class:`TrainConfig`; a preset without a recipe trains with those classes' defaults (the reference's)."""
+
+BUDGET_PRESET = "shakespeare-cpu"
+"""The preset a time-budget run uses when none is named."""
+
+
+def recipe_defaults(preset: str) -> dict[str, Any]:
+    """The recipe's field values for ``preset`` (empty for a preset without one)."""
+    return dict(RECIPES.get(preset, {}))
 
 
 @dataclass(frozen=True)
@@ -286,6 +338,14 @@ class TrainConfig:
     (a stopped run then cannot be resumed)."""
     keep_checkpoints: int = 3
     """How many resumable checkpoints to keep: the newest; older ones are deleted once a newer one is written."""
+    tie_unused_tokens: bool = False
+    """Give every token the training split never uses one shared embedding row, and train the LM head over the used
+    tokens plus that row (:class:`core.model.SharedRows`): the same GPT-2, predicting the same probabilities, for a
+    head about 4x cheaper on Tiny Shakespeare. False trains all 50,257 rows (the reference)."""
+    time_budget: float | None = None
+    """Wall-clock seconds the run may take, evaluations, samples and checkpoints included: the trainer times its
+    first steps, sizes the schedule to end inside the budget (``max_steps`` becomes a cap) and stops on time with
+    ``stop_reason`` ``time_budget``. None: no budget."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "avg_window", "sample_tokens", "keep_checkpoints", "grad_accum"):
@@ -330,6 +390,15 @@ class TrainConfig:
             f"train config: init_from must be an existing folder (a Hugging Face GPT-2 model), got {self.init_from!r}",
         )
         _require(isinstance(self.compile, bool), f"train config: compile must be true or false, got {self.compile!r}")
+        _require(
+            isinstance(self.tie_unused_tokens, bool),
+            f"train config: tie_unused_tokens must be true or false, got {self.tie_unused_tokens!r}",
+        )
+        budget = self.time_budget
+        _require(
+            budget is None or (_is_number(budget) and math.isfinite(budget) and budget >= MIN_TIME_BUDGET),
+            f"train config: time_budget must be at least {MIN_TIME_BUDGET:g} seconds (or unset), got {budget!r}",
+        )
         # The upper bound catches FLOP/s given where TFLOP/s are meant (989e12 for an H100), which would make every
         # MFU a near-zero number instead of an error.
         _require(
@@ -367,9 +436,21 @@ class TrackingConfig:
     """MLflow tracking URI; None uses MLFLOW_TRACKING_URI or the local SQLite store under mlruns/."""
     checkpoint_root: str | None = None
     """Folder for local checkpoints (one sub-folder per run id); None uses mlruns/checkpoints."""
+    parent_run_id: str | None = None
+    """Create the run nested under this MLflow run (tag ``mlflow.parentRunId``), e.g. a sweep's trial under the
+    sweep's run; None: a top-level run."""
+    register: bool = True
+    """Register the model when the run finishes; False ends the run FINISHED with its checkpoints only (a sweep's
+    trials: the sweep registers its best trial's model itself)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.experiment, str) and self.experiment.strip() != "", "experiment name is empty")
+        _require(
+            self.parent_run_id is None
+            or (isinstance(self.parent_run_id, str) and _RUN_ID.fullmatch(self.parent_run_id) is not None),
+            f"parent run id {self.parent_run_id!r} is invalid: expected an MLflow run id",
+        )
+        _require(isinstance(self.register, bool), f"register must be true or false, got {self.register!r}")
         _require(
             isinstance(self.register_as, str) and _NAME.fullmatch(self.register_as) is not None,
             f"model name {self.register_as!r} is invalid: use letters, digits, '-', '_' or '.'",

@@ -5,6 +5,10 @@ store unchanged. The run ends FINISHED (and registers its model), KILLED when st
 saving a checkpoint), or FAILED on an error. Its checkpoints go to ``<checkpoint root>/<run id>/`` (recorded in the
 run's ``checkpoint_dir`` tag): ``final``, ``best``, and the resumable ones under ``resume``.
 
+A run may be nested under another (``TrackingConfig.parent_run_id``: a sweep's trial under its sweep) and may skip
+registering (``TrackingConfig.register``). A caller's own stop rule (a sweep's pruner) stops the trainer with a
+reason it names in ``stop_rules``: such a run ends FINISHED with that ``stop_reason``, not KILLED.
+
 A KILLED or FAILED run continues with :func:`find_resume_point`, then :func:`resume_training`: the same MLflow run,
 set back to RUNNING, trains on from its latest resumable checkpoint with the configs stored in that checkpoint
 (checked against the run's logged params). Metric points continue at the next step; a step the stopped process had
@@ -19,6 +23,7 @@ the model; it sends the run id to the other ranks, which train silently beside i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,12 +31,13 @@ import re
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_training_state
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
@@ -129,14 +135,24 @@ def run_training(
     *,
     on_run_created=None,
     dist: DistContext = SINGLE,
+    on_trainer: Callable[[Trainer], None] | None = None,
+    stop_rules: Collection[str] = (),
+    handle_signals: bool = True,
 ) -> TrainingOutcome:
     """Train with every step logged to MLflow and register the resulting checkpoint.
 
     ``on_run_created(run_id)`` is called as soon as the run exists (e.g. to record a background job's run id).
+    ``on_trainer(trainer)`` is called once the trainer exists, before the run is created, so that the caller can
+    stop it (``trainer.request_stop(why)``). A stop whose ``why`` is one of ``stop_rules`` is the caller's stop rule
+    (e.g. a pruned sweep trial): the run ends FINISHED with ``stop_reason`` = ``why`` and registers its model as
+    a finished run does (if ``tracking.register``); any other stop request ends it KILLED. With ``handle_signals``
+    False, SIGTERM and SIGINT are left to the caller's handlers (which then stop the trainer themselves).
     On ranks other than 0 of a torchrun job, nothing is logged and ``callbacks`` and ``on_run_created`` are unused.
     """
     # Validates device, corpus and shapes first (on every rank, so a bad input stops every process alike).
     trainer = Trainer(model_config, data_config, train_config, dist=dist)
+    if on_trainer is not None:
+        on_trainer(trainer)
     if not dist.is_main:
         return _follow(trainer, tracking)
     client = connect(tracking.tracking_uri)
@@ -147,6 +163,8 @@ def run_training(
     tags = {t.key: t.value for t in summary_tags}
     if train_config.init_from is not None:
         tags["init_from"] = train_config.init_from
+    if tracking.parent_run_id is not None:
+        tags[MLFLOW_PARENT_RUN_ID] = tracking.parent_run_id  # what the MLflow UI nests runs by
     run = client.create_run(experiment_id, run_name=tracking.run_name, tags=tags)
     run_id = run.info.run_id
     if on_run_created is not None:
@@ -160,7 +178,17 @@ def run_training(
         client.set_tag(run_id, CHECKPOINT_DIR_TAG, str(out_dir.resolve()))
         log_params(client, run_id, run_params(model_config, data_config, train_config, tracking, dist.world_size))
 
-    return _train_and_end(client, run_id, trainer, tracking, [logger, *callbacks], out_dir, start)
+    return _train_and_end(
+        client,
+        run_id,
+        trainer,
+        tracking,
+        [logger, *callbacks],
+        out_dir,
+        start,
+        stop_rules=stop_rules,
+        handle_signals=handle_signals,
+    )
 
 
 def _checkpoint_root(tracking: TrackingConfig) -> Path:
@@ -185,10 +213,14 @@ def _train_and_end(
     callbacks: list[Callback],
     out_dir: Path,
     start: Callable[[], None] | None = None,
+    *,
+    stop_rules: Collection[str] = (),
+    handle_signals: bool = True,
 ) -> TrainingOutcome:
     """Run ``start()`` (if given), fit ``trainer`` into ``out_dir`` with ``callbacks`` (the first is the run's
-    :class:`MlflowLogger`), then end run ``run_id``: FINISHED with a registered version, KILLED when stopped,
-    FAILED (and re-raise) on an error, ``start`` failing included."""
+    :class:`MlflowLogger`), then end run ``run_id``: FINISHED with a registered version (none when
+    ``tracking.register`` is False), KILLED when stopped (unless by one of ``stop_rules``, see
+    :func:`run_training`), FAILED (and re-raise) on an error, ``start`` failing included."""
     from core.registry import log_and_register
 
     logger = callbacks[0]
@@ -196,14 +228,25 @@ def _train_and_end(
     try:
         if start is not None:
             start()
-        with _stop_on_signals(trainer):
+        with _stop_on_signals(trainer) if handle_signals else contextlib.nullcontext():
             result = trainer.fit(out_dir)
         logger.close()
+        rule = result.stop_reason.removeprefix("stopped: ")
+        if result.stop_reason.startswith("stopped: ") and rule in stop_rules:
+            result.stop_reason = rule  # the caller's stop rule, as "patience" is the trainer's own
         if result.stop_reason.startswith("stopped"):
             client.set_tag(run_id, "stop_reason", result.stop_reason)
             client.set_terminated(run_id, "KILLED")
             return TrainingOutcome(run_id, "KILLED", result, None, None)
-        checkpoint = result.best_checkpoint if tracking.register_best and result.best_checkpoint else None
+        if result.planned_steps is not None:  # a finished time-budget run: the steps its plan settled on
+            log_params(client, run_id, {"budget_steps": result.planned_steps})
+        if not tracking.register:
+            client.set_tag(run_id, "stop_reason", result.stop_reason)
+            client.set_terminated(run_id, "FINISHED")
+            return TrainingOutcome(run_id, "FINISHED", result, None, None)
+        # A budget run's last steps are not always its best on held-out text: it registers its best evaluation.
+        best_wanted = tracking.register_best or trainer.config.time_budget is not None
+        checkpoint = result.best_checkpoint if best_wanted and result.best_checkpoint else None
         checkpoint = checkpoint or result.final_checkpoint
         version = log_and_register(client, run_id, checkpoint, name=tracking.register_as, alias=tracking.alias)
         client.set_tag(run_id, "stop_reason", result.stop_reason)

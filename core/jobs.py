@@ -25,6 +25,11 @@ On-disk layout of a job folder (every JSON file is replaced atomically, so a rea
 - ``cancel.json``: written by :func:`cancel_job` before it signals the process.
 - ``reconciled.json``: written once the MLflow run of an ended job is known not to be RUNNING any more.
 
+A job can also be a hyperparameter sweep (``kind`` ``sweep`` in ``job.json``): ``python -m pipelines.sweep ...
+--job-dir <folder>``, whose trials train one after another in the same process. Its folder has the same files
+(``run.json`` names the sweep's parent run, ``progress.json`` is the running trial's) and ``sweep.json`` with the
+sweep's status; see :mod:`core.sweep_jobs`.
+
 A job's state (:data:`STATES`) is derived on every read:
 
 - its process is alive (same pid *and* start time, not a zombie): ``cancelling`` after a cancel request, else
@@ -110,6 +115,10 @@ RESULT_FILE = "result.json"
 CANCEL_FILE = "cancel.json"
 RECONCILED_FILE = "reconciled.json"
 LOG_FILE = "train.log"
+SWEEP_FILE = "sweep.json"
+
+JOB_MODULES = {"train": "pipelines.train", "sweep": "pipelines.sweep"}
+"""What each kind of job runs (``python -m <module> <args> --job-dir <folder>``)."""
 
 STATES = ("starting", "running", "cancelling", "finished", "killed", "failed", "died", "unknown")
 """Every state a :class:`JobInfo` can be in."""
@@ -216,6 +225,8 @@ class JobProgressRecorder(Callback):
         self.state["step"] = step
         for key in ("loss", "avg_loss", "best_loss", "lr", "tokens_per_sec", "time_per_batch"):
             self.state[key] = _finite(metrics.get(key))
+        if "planned_steps" in metrics:  # a time-budget run: its plan, not the step cap, is where it ends
+            self.max_steps = self.state["max_steps"] = int(metrics["planned_steps"])
         if step >= self.max_steps or time.monotonic() - self._last_write >= self.min_interval:
             self._write()
 
@@ -345,6 +356,10 @@ class JobInfo:
     """The process that trains the run, from ``run.json``: the job's own, or rank 0's in a torchrun job."""
     processes: int = 1
     """Training processes of the job (more than one: started through torchrun)."""
+    kind: str = "train"
+    """A key of :data:`JOB_MODULES`: one training run, or a sweep of them."""
+    sweep: dict | None = None
+    """A sweep job's ``sweep.json`` (see :mod:`core.sweep_jobs`); None for a training job, or before it exists."""
 
     @property
     def log_path(self) -> Path:
@@ -450,8 +465,13 @@ def start_job(
     tracking_uri: str | None = None,
     label: str | None = None,
     processes: int = 1,
+    kind: str = "train",
 ) -> JobInfo:
     """Start ``python -m pipelines.train <train_args> --job-dir <folder>`` as a background job.
+
+    With ``kind="sweep"`` the job is ``python -m pipelines.sweep <train_args> --job-dir <folder>`` instead, a
+    hyperparameter sweep whose arguments are checked by the sweep CLI's ``--check``
+    (:func:`core.sweep_jobs.validate_sweep_args`); it runs as one process.
 
     With ``processes`` > 1 the job is a torchrun job of that many training processes on this machine
     (``python -m torch.distributed.run --standalone --nproc_per_node=N -m pipelines.train ...``); the launcher
@@ -465,9 +485,18 @@ def start_job(
     from core.store import tracking_uri as current_tracking_uri
 
     _require_posix()
-    validate_train_args(train_args, processes)
-    train_args = [str(a) for a in train_args]
     uri = _absolute_tracking_uri(tracking_uri or current_tracking_uri())
+    if kind == "sweep":
+        from core.sweep_jobs import validate_sweep_args
+
+        if processes != 1:
+            raise UsageError("a sweep trains its trials one after another in one process; processes must be 1")
+        validate_sweep_args(train_args, uri)
+    elif kind == "train":
+        validate_train_args(train_args, processes)
+    else:
+        raise UsageError(f"unknown job kind {kind!r}; choose one of: {', '.join(JOB_MODULES)}")
+    train_args = [str(a) for a in train_args]
     root = _jobs_root(jobs_root)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -483,8 +512,9 @@ def start_job(
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    argv = [*launcher, "-m", "pipelines.train", *train_args, "--job-dir", str(job_dir)]
+    argv = [*launcher, "-m", JOB_MODULES[kind], *train_args, "--job-dir", str(job_dir)]
     meta: dict[str, Any] = {
+        "kind": kind,
         "processes": processes,
         "job_id": job_id,
         "pid": None,
@@ -634,6 +664,10 @@ def _read_job(job_dir: Path) -> JobInfo:
     info.run_id = run.get("run_id") if run else None
     info.trainer_pid = run.get("pid") if run else None
     info.processes = meta.get("processes") or 1
+    info.kind = meta.get("kind") or "train"
+    if info.kind == "sweep":
+        info.sweep, problem = _read_json(job_dir / SWEEP_FILE)
+        notes.append(problem)
     info.progress, problem = _read_json(job_dir / PROGRESS_FILE)
     notes.append(problem)
     info.result, problem = _read_json(job_dir / RESULT_FILE)

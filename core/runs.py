@@ -81,7 +81,9 @@ def list_runs(client, experiment_ids: list[str] | None = None, max_results: int 
     ``FINISHED``, ``FAILED``, ``KILLED``, ``SCHEDULED``), ``start_time`` and ``end_time`` (UTC datetimes, ``NaT``
     while a run has not ended), ``duration_s`` (float, NaN without an end time) — then ``params.<name>`` (strings,
     as MLflow stores them), ``metrics.<name>`` (the latest value MLflow keeps for each metric: the one at the
-    highest step) and ``tags.<name>`` (MLflow's own ``mlflow.*`` tags included), each group sorted by name. A value
+    highest step; ``metrics.best_val_loss`` and ``metrics.best_val_bpc``, the lowest validation values, are filled
+    from the history for runs that did not log them) and ``tags.<name>`` (MLflow's own ``mlflow.*`` tags
+    included), each group sorted by name. A value
     a run lacks is missing (None/NaN). At most ``max_results`` runs; an empty store or ``experiment_ids=[]`` gives
     an empty frame with the base columns.
     """
@@ -126,8 +128,33 @@ def list_runs(client, experiment_ids: list[str] | None = None, max_results: int 
         for name in names:
             extra[f"{prefix}.{name}"] = [getattr(run.data, attribute).get(name) for run in runs]
     frame = pd.concat([base, pd.DataFrame(extra, index=base.index)], axis=1) if extra else base
+    frame = _with_best_validation(client, frame)
     # MLflow already orders by start time, newest first; sorting again keeps the contract for any store.
     return frame.sort_values("start_time", ascending=False, kind="stable", na_position="last").reset_index(drop=True)
+
+
+BEST_OF = {"metrics.best_val_loss": "val_loss", "metrics.best_val_bpc": "val_bpc"}
+"""Best-so-far metrics the trainer logs with every evaluation, and the metric each is the minimum of."""
+
+
+def _with_best_validation(client, frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``metrics.best_val_loss`` / ``metrics.best_val_bpc`` for runs that logged validation metrics but not
+    their best (runs trained before the trainer logged it): the minimum of their history, read in one query."""
+    for best, metric in BEST_OF.items():
+        last = f"metrics.{metric}"
+        if last not in frame:
+            continue
+        if best not in frame:
+            frame[best] = np.nan
+        missing = frame[best].isna() & frame[last].notna()
+        if not missing.any():
+            continue
+        history = metric_histories(client, frame.loc[missing, "run_id"].tolist(), [metric])
+        lowest = history.groupby("run_id")["value"].min()
+        frame.loc[missing, best] = frame.loc[missing, "run_id"].map(lowest).to_numpy()
+    base = [c for c in frame.columns if "." not in c]
+    grouped = [sorted(c for c in frame.columns if c.startswith(f"{group}.")) for group in ("params", "metrics", "tags")]
+    return frame[base + grouped[0] + grouped[1] + grouped[2]]
 
 
 def metric_histories(

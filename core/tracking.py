@@ -152,6 +152,10 @@ class MlflowLogger(Callback):
         document = format_samples(self.samples)
         self._submit(lambda: self.client.log_text(self.run_id, document, "samples.txt"))
 
+    def on_sample_report(self, step: int, metrics: dict[str, float]) -> None:
+        # sample_copied_share and sample_longest_copy_chars, as metrics at the sample's step
+        self.log(metrics, step)
+
     def before_checkpoint(self, step: int) -> None:
         # Blocking: once the checkpoint exists, a resumed run never logs these steps again.
         self.flush()

@@ -1,11 +1,13 @@
 """The training loop: AdamW, OneCycle schedule, gradient clipping, stop rules, evaluation and samples.
 
 The trainer knows nothing of MLflow, the terminal or Streamlit. It reports through :class:`Callback` objects:
-``on_train_start(summary)``, ``on_step(step, metrics)``, ``on_eval(step, metrics)``, ``on_sample(step, text)`` and
+``on_train_start(summary)``, ``on_step(step, metrics)``, ``on_eval(step, metrics)``, ``on_sample(step, text)`` (after
+``on_sample_report(step, metrics)``: the sample's memorisation figures, :mod:`core.memorization`) and
 ``on_train_end(result)``. Every step reports ``loss``, ``avg_loss`` (mean of the last ``avg_window`` steps),
 ``best_loss`` (lowest single-step loss so far), ``lr`` (the rate used for that step), ``time_per_batch`` (seconds)
 and ``tokens_per_sec``, plus ``mfu`` (model FLOPs utilisation, a fraction of the device's peak) when that peak is
-known; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character).
+known; every evaluation reports ``val_loss`` and ``val_bpc`` (bits per character) and the best of each so far,
+``best_val_loss`` and ``best_val_bpc``.
 
 On CUDA, training runs under bf16 autocast with TF32 matmuls and fused AdamW; ``TrainConfig.compile`` runs the
 training steps through ``torch.compile`` while evaluation, samples and checkpoints use the plain module.
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.budget import PROBE_STEPS, BudgetPlanner, BudgetSchedule, Overheads, periodic_due
 from core.checkpoint import (
     TIED_KEY,
     TRAINING_STATE_FILE,
@@ -45,8 +48,9 @@ from core.device import cpp_compiler, peak_flops, resolve_device
 from core.distributed import SINGLE, DistContext, all_reduce_sum
 from core.errors import UsageError
 from core.hf import load_hf_state_dict
+from core.memorization import index_for
 from core.memory import TRAINING_OOM_HINT, friendly_oom
-from core.model import GPT, parameter_breakdown
+from core.model import GPT, SharedRows, parameter_breakdown
 from core.sampling import generate
 from core.tokenizer import Tokenizer, get_tokenizer
 
@@ -61,10 +65,16 @@ class Callback:
         """After every optimizer step (1-based)."""
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """After every evaluation: ``val_loss`` and ``val_bpc``."""
+        """After every evaluation: ``val_loss`` and ``val_bpc``, and the lowest of each so far, ``best_val_loss``
+        and ``best_val_bpc``."""
 
     def on_sample(self, step: int, text: str) -> None:
         """After every periodic sample and the final one."""
+
+    def on_sample_report(self, step: int, metrics: dict[str, float]) -> None:
+        """Just before each ``on_sample``: how much of that sample's continuation is copied from the training split,
+        ``sample_copied_share`` (absent when it has fewer than 8 tokens) and ``sample_longest_copy_chars`` (see
+        :class:`core.memorization.CopyReport`)."""
 
     def before_checkpoint(self, step: int) -> None:
         """Just before a resumable checkpoint of ``step`` is written: make everything reported so far durable (a
@@ -82,7 +92,8 @@ class TrainResult:
     steps: int
     """Optimizer steps taken."""
     stop_reason: str
-    """``target_loss``, ``max_steps``, ``patience`` or ``stopped: <why>`` (a stop request such as a signal)."""
+    """``target_loss``, ``max_steps``, ``patience``, ``time_budget`` or ``stopped: <why>`` (a stop request such as a
+    signal)."""
     final_loss: float
     """Training loss of the last step."""
     avg_loss: float
@@ -99,6 +110,8 @@ class TrainResult:
     """Wall time of the loop."""
     last_eval: dict[str, float] = field(default_factory=dict)
     """Metrics of the final evaluation."""
+    planned_steps: int | None = None
+    """A time-budget run's final plan of steps (None without a budget)."""
 
 
 def _autocast(device: torch.device):
@@ -149,8 +162,13 @@ def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> to
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.OneCycleLR:
-    """OneCycle: warm up to ``lr`` over ``warmup_fraction`` of ``max_steps``, then cosine-anneal down."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.OneCycleLR | torch.optim.lr_scheduler.LambdaLR:
+    """OneCycle: warm up to ``lr`` over ``warmup_fraction`` of ``max_steps``, then cosine-anneal down. With a time
+    budget, the same shape over a number of steps planned during the run (:class:`core.budget.BudgetSchedule`)."""
+    if config.time_budget is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, BudgetSchedule(config.div_factor, config.final_div_factor))
     total_steps = config.max_steps + 1  # the schedule is stepped after every step, including the last
     pct_start = config.warmup_fraction
     if math.isclose(pct_start * total_steps, 1.0):
@@ -224,7 +242,19 @@ class Trainer:
         self.model = GPT(model_config).to(self.device)
         if train_config.init_from is not None:  # fine-tune: pretrained weights replace the random initialisation
             self.model.load_state_dict(load_hf_state_dict(train_config.init_from, model_config))
+        self.shared_rows: SharedRows | None = None
+        self.token_rows: torch.nn.Parameter | None = None
         step_module: torch.nn.Module = self.model
+        if train_config.tie_unused_tokens:
+            used = torch.from_numpy(self.corpus.tokens("train").astype(np.int64))
+            self.shared_rows = SharedRows(used, model_config.vocab_size, device=self.device)
+            # The optimizer trains a compact copy of the K + 1 rows that matter: no (V, C) gradient to fill, clip and
+            # step every time. The full weight is written from it whenever the model is used whole (_full_model).
+            wte = self.model.transformer.wte.weight
+            self.shared_rows.tie_unused_rows(wte)
+            self.token_rows = torch.nn.Parameter(wte.detach()[self.shared_rows.rows].clone())
+            wte.requires_grad_(False)
+            step_module = _SharedRowsTraining(self.model, self.token_rows, self.shared_rows)
         self._ddp = None
         if dist.enabled:
             # Every rank built the same weights from the same seed (DDP also broadcasts rank 0's on wrapping); from
@@ -240,7 +270,7 @@ class Trainer:
         # 'buf1'"). Compiled steps there take the plain logits + F.cross_entropy route instead, which compiles and
         # which Inductor fuses itself; on other devices that route is the model's default anyway.
         self._plain_loss = train_config.compile and self.device.type == "cpu"
-        self.optimizer = build_optimizer(self.model, train_config, self.device)
+        self.optimizer = build_optimizer(step_module, train_config, self.device)
         self.scheduler = build_scheduler(self.optimizer, train_config)
         self.batches = TokenBatches(
             self.corpus.tokens("train"),
@@ -255,6 +285,8 @@ class Trainer:
         self._stop_reason: str | None = None
         self._loop = _LoopState(window=deque(maxlen=train_config.avg_window))
         self._saved_step: int | None = None  # step of the latest resumable checkpoint
+        self.clock: Callable[[], float] = time.perf_counter
+        """Seconds on a monotonic clock: what steps are timed and a time budget is spent by."""
 
     def request_stop(self, why: str) -> None:
         """Ask the loop to stop after the current step (safe to call from a signal handler)."""
@@ -266,7 +298,8 @@ class Trainer:
         breakdown = parameter_breakdown(self.model)
         return {
             "total_params": breakdown["total_params"],
-            "trainable_params": breakdown["trainable_params"],
+            # With compact token rows the embedding weight is frozen, yet trained through them: every parameter is.
+            "trainable_params": breakdown["total_params" if self.token_rows is not None else "trainable_params"],
             "size_mb": breakdown["size_mb"],
             "size_by_component": {c["name"]: c["size_mb"] for c in breakdown["components"]},
             "params_by_component": {c["name"]: c["params"] for c in breakdown["components"]},
@@ -312,20 +345,34 @@ class Trainer:
             if i % self.dist.world_size != self.dist.rank:
                 continue  # in a torchrun job each process evaluates its share of the batches
             with friendly_oom(TRAINING_OOM_HINT), _autocast(self.device):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                # With tied unused rows the shared-row loss is the full model's, for a fraction of the head's work.
+                _, loss = self.model(
+                    x.to(self.device), y.to(self.device), shared_rows=self.shared_rows, token_rows=self.token_rows
+                )
             total += loss.item() * y.numel()
             count += y.numel()
         self.model.train()
         total, count = all_reduce_sum([total, count], self.dist)
         val_loss = total / count
+        return {"val_loss": val_loss, "val_bpc": val_loss * self._bits_per_char_per_nat()}
+
+    def _bits_per_char_per_nat(self) -> float:
+        """Bits per character of the validation split per nat of mean validation loss per token."""
         meta = self.corpus.meta
-        bpc = val_loss * meta["val_tokens"] / meta["val_characters"] / math.log(2)
-        return {"val_loss": val_loss, "val_bpc": bpc}
+        return meta["val_tokens"] / meta["val_characters"] / math.log(2)
 
     def sample(self, step: int) -> str:
-        """One sample from the current weights, seeded by the step so it is reproducible."""
+        """One sample from the current weights, seeded by the step so it is reproducible.
+
+        Its continuation's memorisation figures go to ``on_sample_report`` before it is returned. The training
+        split's copy index is built by the first sample, once per corpus and process, or loaded from the corpus
+        cache (:func:`core.memorization.index_for`).
+        """
         config = SampleConfig(max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=200, seed=step)
-        return generate(self.model, self.tokenizer, self.config.sample_prompt, config).samples[0]
+        generation = generate(self._full_model(), self.tokenizer, self.config.sample_prompt, config)
+        report = index_for(self.corpus).report_text(generation.continuations[0], self.tokenizer)
+        self._emit("on_sample_report", step, report.metrics())
+        return generation.samples[0]
 
     def fit(self, out_dir: str | Path) -> TrainResult:
         """Train, then write ``out_dir/final`` (and ``out_dir/best`` when evaluating) and report the result.
@@ -343,31 +390,88 @@ class Trainer:
         tokens_per_step = self.tokens_per_step
         main = self.dist.is_main
         stop_reason = "max_steps"
-        loop_start = time.perf_counter()
+        loop_start = self.clock()
+        budget = self._budget_planner() if cfg.time_budget is not None else None
+        schedule = self._budget_schedule()
+        budget_used_before = run.budget_used  # what earlier processes of a resumed budget run spent
+        steps_this_process = 0
+        events = 0  # rounds of periodic work in the budget plan (rank 0's, like the plan)
+        budget_event = False  # whether this step is a round of the budget plan's periodic work
+
+        def budget_elapsed() -> float:
+            return budget_used_before + self.clock() - loop_start
+
+        def due(interval: int, step: int) -> bool:
+            """Whether periodic work with this interval (0: off) runs after ``step``: every ``interval`` steps, or
+            in a budget run at the plan's evenly spaced points (none before the first plan)."""
+            if not interval:
+                return False
+            return step % interval == 0 if schedule is None else budget_event
+
+        def budget_event_at(step: int) -> bool:
+            """Whether ``step`` is one of the budget plan's evenly spaced points. A plan that moves can bring the
+            next point close to the last one: such a point is skipped, so rounds stay about a spacing apart."""
+            if not periodic_due(step, schedule.total, events):
+                return False
+            return step - run.last_event_step >= schedule.total / events / 2
+
+        def timed(overhead: str, work: Callable[..., object], *args) -> object:
+            """``work(*args)``; in a budget run its duration feeds the planner's ``overhead`` estimate."""
+            started = self.clock()
+            result = work(*args)
+            if budget is not None:
+                setattr(budget.overheads, overhead, self.clock() - started)
+            return result
+
+        def checkpoint(at_step: int) -> None:
+            run.budget_used = budget_elapsed()
+            self._checkpoint(out_dir, at_step)
 
         def run_eval(at_step: int) -> None:
-            run.last_eval, run.last_eval_step = self.evaluate(), at_step
-            self._emit("on_eval", at_step, dict(run.last_eval))
+            run.last_eval = timed("eval_seconds", self.evaluate)
+            run.last_eval_step = at_step
             if run.last_eval["val_loss"] < run.best_val:
                 run.best_val, run.best_val_step, run.evals_without_improvement = run.last_eval["val_loss"], at_step, 0
                 if main:  # only rank 0 writes the best weights; the other ranks need not keep a copy
-                    run.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    run.best_state = {k: v.detach().clone() for k, v in self._full_model().state_dict().items()}
             else:
                 run.evals_without_improvement += 1
+            # The best so far travels with every evaluation: a run's latest value of it is its best.
+            best = {"best_val_loss": run.best_val, "best_val_bpc": run.best_val * self._bits_per_char_per_nat()}
+            self._emit("on_eval", at_step, {**run.last_eval, **best})
 
         while run.step < cfg.max_steps:
-            started = time.perf_counter()
+            started = self.clock()
             # A batch too large for the device is one line naming --batch-size, not an allocator traceback.
             with friendly_oom(TRAINING_OOM_HINT):
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss_value = self._train_step()
-            # One small collective a step: the job's mean loss (what every rank logs and stops on) and whether any
-            # rank was asked to stop, so all ranks leave the loop after the same step.
-            loss_sum, stops = all_reduce_sum([loss_value, float(self._stop_reason is not None)], self.dist)
+            elapsed = self.clock() - started
+            steps_this_process += 1
+            proposal = 0.0  # the budget's plan for the total steps: rank 0's counts, 0 = none yet
+            if budget is not None:
+                if steps_this_process > 1:  # a process's first step allocates and warms caches: not its speed
+                    budget.record_step(elapsed)
+                if budget.step_seconds is not None and (schedule.total or steps_this_process > PROBE_STEPS):
+                    now = budget_elapsed()
+                    # -1: one more step would overrun the budget, whatever the plan said (the machine slowed down)
+                    if budget.out_of_time(now):
+                        proposal = -1.0
+                    else:  # the plan and its rounds of periodic work in one number (fewer than 16 rounds)
+                        proposal = float(budget.plan(run.step + 1, now) * 16 + budget.events)
+            # One small collective a step: the job's mean loss (what every rank logs and stops on), whether any
+            # rank was asked to stop, so all ranks leave the loop after the same step, and rank 0's budget plan, so
+            # all ranks keep the same schedule (learning rate, evaluations, end).
+            loss_sum, stops, proposal = all_reduce_sum(
+                [loss_value, float(self._stop_reason is not None), proposal if main else 0.0], self.dist
+            )
             loss_value = loss_sum / self.dist.world_size
-            elapsed = time.perf_counter() - started
             run.step += 1
             step = run.step
+            if proposal > 0:
+                total, events = divmod(round(proposal), 16)
+                schedule.plan(total, cfg.warmup_fraction)
+                self._apply_schedule()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
             run.loss_value = loss_value
@@ -384,19 +488,29 @@ class Trainer:
             }
             if self.peak_flops is not None:
                 metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak_flops
+            if schedule is not None and schedule.total:
+                metrics["planned_steps"] = schedule.total
             self._emit("on_step", step, metrics)
-            if cfg.eval_interval and step % cfg.eval_interval == 0:
+            budget_event = schedule is not None and budget_event_at(step)
+            if budget_event:
+                run.last_event_step = step
+            if due(cfg.eval_interval, step):
                 run_eval(step)
                 if cfg.patience is not None and run.evals_without_improvement >= cfg.patience:
                     stop_reason = "patience"
                     break
-            if main and cfg.sample_interval and step % cfg.sample_interval == 0:
-                self._emit("on_sample", step, self.sample(step))
+            if main and due(cfg.sample_interval, step):
+                self._emit("on_sample", step, timed("sample_seconds", self.sample, step))
+                run.last_sample_step = step
             # After the step's evaluation and sample, so a run resumed from here repeats neither.
-            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-                self._checkpoint(out_dir, step)
+            if due(cfg.checkpoint_interval, step):
+                timed("checkpoint_seconds", checkpoint, step)
             if cfg.target_loss > 0 and avg_loss < cfg.target_loss:
                 stop_reason = "target_loss"
+                break
+            if schedule is not None and ((schedule.total and step >= schedule.total) or proposal < 0):
+                # The planned schedule is complete (or time is up), inside the budget, unless the cap was the limit.
+                stop_reason = "max_steps" if step >= cfg.max_steps else "time_budget"
                 break
             # Alone, a request made at any time during the step (a signal, a callback) ends the training here. In a
             # job of several processes only the reduced flag decides: a signal landing on one rank after the
@@ -407,14 +521,17 @@ class Trainer:
                 break
 
         step = run.step
-        seconds = time.perf_counter() - loop_start
+        seconds = self.clock() - loop_start
         # Before the final evaluation: the evaluation at a step that is not a multiple of eval_interval would count
         # towards patience and the best weights, which an uninterrupted run never sees.
         if cfg.checkpoint_interval and step != self._saved_step:
-            self._checkpoint(out_dir, step)
+            checkpoint(step)
         if cfg.eval_interval and step > run.last_eval_step:
             run_eval(step)
-        last_sample_step = step - step % cfg.sample_interval if cfg.sample_interval else 0
+        if schedule is not None:  # the plan moved during the run: the last step it sampled at is remembered
+            last_sample_step = run.last_sample_step
+        else:
+            last_sample_step = step - step % cfg.sample_interval if cfg.sample_interval else 0
         if main and step > last_sample_step:
             self._emit("on_sample", step, self.sample(step))
 
@@ -422,7 +539,7 @@ class Trainer:
         metadata = {"step": step, "stop_reason": stop_reason, **run.last_eval}
         final_checkpoint = out_dir / "final"
         if main:
-            final_checkpoint = save_checkpoint(self.model, final_checkpoint, metadata)
+            final_checkpoint = save_checkpoint(self._full_model(), final_checkpoint, metadata)
         best_checkpoint = None if run.best_val_step is None else out_dir / "best"
         if main and run.best_state is not None:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -442,9 +559,42 @@ class Trainer:
             best_checkpoint=best_checkpoint,
             seconds=seconds,
             last_eval=run.last_eval,
+            planned_steps=None if schedule is None else schedule.total,
         )
         self._emit("on_train_end", result)
         return result
+
+    def _budget_schedule(self) -> BudgetSchedule | None:
+        """The schedule a budget run plans (shared by every parameter group), None without a budget."""
+        if self.config.time_budget is None:
+            return None
+        return self.scheduler.lr_lambdas[0]
+
+    def _apply_schedule(self) -> None:
+        """Set every group's learning rate for the next step from the (re-planned) schedule."""
+        index = self.scheduler.last_epoch
+        for group, schedule in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * schedule(index)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _budget_planner(self) -> BudgetPlanner:
+        """A planner for this run's budget, its evaluation cost estimated from one timed validation batch (until the
+        first real evaluation is timed)."""
+        cfg = self.config
+        B, T = self.data_config.batch_size, self.data_config.block_size
+        batches = max(1, (len(self._val_tokens) - 1) // (B * T))
+        if cfg.eval_batches is not None:
+            batches = min(batches, cfg.eval_batches)
+        x, y = next(epoch_batches(self._val_tokens, max(1, min(B, (len(self._val_tokens) - 1) // T)), T))
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.no_grad(), _autocast(self.device):
+            for _ in range(2):  # the second call is the one timed: the first allocates
+                started = self.clock()
+                self.model(x, y, shared_rows=self.shared_rows, token_rows=self.token_rows)
+        eval_seconds = (self.clock() - started) * -(-batches // self.dist.world_size)
+        periodic = {"eval": bool(cfg.eval_interval), "sample": bool(cfg.sample_interval) and self.dist.is_main}
+        periodic["checkpoint"] = bool(cfg.checkpoint_interval)
+        return BudgetPlanner(cfg.time_budget, cfg.max_steps, periodic, Overheads(eval_seconds=eval_seconds))
 
     def _train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns this process's mean loss."""
@@ -459,11 +609,15 @@ class Trainer:
             with sync:
                 with _autocast(self.device):
                     # [1]: only the loss; the logits the plain route returns are not kept alive through the step
-                    loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
+                    if self.shared_rows is not None:
+                        loss = self._train_step_model(x, y)[1]
+                    else:
+                        loss = self._train_step_model(x, y, return_logits=self._plain_loss)[1]
                 (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
             losses.append(loss.detach())
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -481,7 +635,17 @@ class Trainer:
 
     def _parameter_names(self) -> dict[int, str]:
         # named_parameters() lists the tied LM head once, as transformer.wte.weight, as the checkpoints store it.
-        return {id(p): name for name, p in self.model.named_parameters()}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        if self.token_rows is not None:  # what the optimizer trains in place of the embedding: its compact rows
+            names[id(self.token_rows)] = "transformer.wte.weight"
+        return names
+
+    def _full_model(self) -> GPT:
+        """The model with every weight current: with compact token rows, the full embedding is written from them
+        first (evaluation, samples and checkpoints use the whole GPT-2)."""
+        if self.token_rows is not None:
+            self.shared_rows.expand_into(self.token_rows.detach(), self.model.transformer.wte.weight)
+        return self.model
 
     def save_training_state(self, out_dir: str | Path) -> Path:
         """Write a resumable checkpoint of the current step to ``out_dir/resume`` (see
@@ -532,10 +696,13 @@ class Trainer:
                 "last_eval": run.last_eval,
                 "last_eval_step": run.last_eval_step,
                 "loss_value": _finite_or_none(run.loss_value),
+                "budget_used": run.budget_used,
+                "last_sample_step": run.last_sample_step,
+                "last_event_step": run.last_event_step,
             },
         }
         directory = save_resumable_checkpoint(
-            self.model, out_dir, run.step, state, tensors, keep=self.config.keep_checkpoints
+            self._full_model(), out_dir, run.step, state, tensors, keep=self.config.keep_checkpoints
         )
         self._saved_step = run.step
         return directory
@@ -557,6 +724,9 @@ class Trainer:
             path = checkpoint.directory / TRAINING_STATE_FILE
             raise CheckpointError(f"{path} is incomplete or corrupt ({exc!r})") from exc
         self.model.load_state_dict(checkpoint.model.state_dict())
+        if self.token_rows is not None:
+            with torch.no_grad():
+                self.token_rows.copy_(self.model.transformer.wte.weight[self.shared_rows.rows])
         restore()
         return checkpoint.step
 
@@ -619,6 +789,10 @@ class Trainer:
             last_eval={k: float(v) for k, v in trainer["last_eval"].items()},
             last_eval_step=int(trainer["last_eval_step"]),
             loss_value=math.nan if trainer["loss_value"] is None else float(trainer["loss_value"]),
+            # Absent from checkpoints written before time budgets existed: nothing was spent then.
+            budget_used=float(trainer.get("budget_used", 0.0)),
+            last_sample_step=int(trainer.get("last_sample_step", 0)),
+            last_event_step=int(trainer.get("last_event_step", 0)),
         )
         if best is not None:
             loop.best_state = {k: v.to(self.device) for k, v in best.items()}
@@ -680,6 +854,21 @@ class Trainer:
         return {"state": state, "param_groups": param_groups}
 
 
+class _SharedRowsTraining(torch.nn.Module):
+    """What training steps call with tied unused tokens: the GPT with its compact token rows (see
+    :class:`core.model.SharedRows`). A module of its own so that DDP and ``torch.compile`` see the rows as a
+    parameter; the GPT's full embedding weight is frozen meanwhile and written from the rows when it is needed."""
+
+    def __init__(self, model: GPT, token_rows: torch.nn.Parameter, shared_rows: SharedRows) -> None:
+        super().__init__()
+        self.model = model
+        self.token_rows = token_rows
+        self.shared_rows = shared_rows
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return self.model(idx, targets, shared_rows=self.shared_rows, token_rows=self.token_rows)
+
+
 _OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 """AdamW group settings that choose an implementation, not the mathematics: a resumed trainer keeps its own."""
 
@@ -709,6 +898,12 @@ class _LoopState:
     """Step of the latest evaluation (0: none yet)."""
     loss_value: float = math.nan
     """Loss of the latest step."""
+    budget_used: float = 0.0
+    """Seconds of a time budget spent up to the latest resumable checkpoint (a resumed run spends the rest)."""
+    last_sample_step: int = 0
+    """Step of the latest periodic sample (a budget run's sampling steps move with its plan)."""
+    last_event_step: int = 0
+    """Step of a budget run's latest round of periodic work."""
 
 
 def _field_defaults(config_type: type) -> dict:

@@ -1,6 +1,7 @@
 """Measure the studio against a reference in the same run and print a table (medians of repeats).
 
 Usage: python -m pipelines.benchmark [--quick] [--json] [--only NAME ...] [--data PATH|URL] [--model REF]
+       [--budgets DURATION ...]
 
 Rows (the reference is measured in the same process, on identical weights and inputs):
   generate_b1, generate_b5   sampling tokens/s of gpt2 (124M) vs transformers' GPT2LMHeadModel.generate
@@ -11,10 +12,19 @@ Rows (the reference is measured in the same process, on identical weights and in
   compare_fetch              Compare Runs' data work for 10 runs × 20,000 steps vs plain get_metric_history
   int8                       generate_b1_int8 and val_loss_int8: a registered model (--model) with int8 linear
                              layers vs the same model in fp32, speed at batch 1 and validation loss on --data
+  quality                    quality_<budget>: held-out bits per character of `python -m pipelines.train
+                             --time-budget <budget>` (the CPU recipe) vs nanoGPT's char-level CPU model (2.71);
+                             budget_wall_<budget>: that command's wall time vs the budget; quality_hf_<budget>: the
+                             same bits per character computed by transformers on the model's HF export. Budgets:
+                             --budgets (default 10m; --quick 2m)
+  memorization               memorization_speed: ms to measure a 200-token sample's copied spans with the
+                             suffix-array index vs a scan of the training split; with --model, memorization_share:
+                             % of the model's 8-token spans found in the training split vs held-out text's
 --json writes {"rows": [{"name", "ours", "reference", "unit", "ratio", "note"}, ...]} to stdout, progress to stderr.
 A ratio above 1 means the studio is better. --quick (under 3 minutes on a 2-core laptop) uses fewer tokens, steps
 and repeats (64 new tokens per generation) and leaves out compare_fetch, whose reference alone takes about 40 s
-(ask for it with --only). The int8 rows run when --model names a trained model. The generation and training rows
+(ask for it with --only). The int8 rows run when --model names a trained model. The memorization rows use --data,
+else the model's training data (its run's data_source), else the default corpus. The generation and training rows
 need transformers (pip install -r requirements-dev.txt).
 """
 
@@ -27,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from core.errors import UsageError
-from pipelines.cli import ArgumentParser, run
+from pipelines.cli import ArgumentParser, duration, run
 
 SECTIONS = (
     "generate_b1",
@@ -39,6 +49,8 @@ SECTIONS = (
     "log_overhead",
     "compare_fetch",
     "int8",
+    "memorization",
+    "quality",
 )
 SLOW_SECTIONS = ("compare_fetch",)
 """Rows --quick leaves out unless --only names them."""
@@ -47,27 +59,35 @@ MODEL_SECTIONS = ("int8",)
 
 
 def build_parser() -> ArgumentParser:
-    from core.config import TINY_SHAKESPEARE_URL
-
     parser = ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (under 3 minutes)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these rows")
     parser.add_argument(
         "--data",
-        default=os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL,
-        help="corpus of the log_overhead and int8 rows (default: $SHAKESPEARE_SOURCE, else Tiny Shakespeare's URL)",
+        help="corpus of the log_overhead, int8 and memorization rows (default: $SHAKESPEARE_SOURCE, else Tiny "
+        "Shakespeare's URL; for the memorization rows with --model, the model's training data first)",
     )
     parser.add_argument(
         "--model",
         metavar="REF",
-        help="registered model for the int8 rows: NAME (latest version), NAME/VERSION or NAME@ALIAS",
+        help="registered model for the int8 and memorization rows: NAME (latest version), NAME/VERSION or NAME@ALIAS",
+    )
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=duration,
+        metavar="DURATION",
+        help="time budgets of the quality rows, e.g. 2m 10m 30m (default: 10m; with --quick 2m)",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from core.memorization import default_source
+
+    explicit_data, args.data = args.data, args.data or default_source()
     # Progress goes to stderr line by line: no MLflow or transformers loading bars in between.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -90,13 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         read_corpus(args.data)
     model_ref = None
-    if "int8" in selected:
+    run_params: dict[str, str] = {}  # of the model's training run: where its training data came from
+    if "int8" in selected or ("memorization" in selected and args.model is not None):
         from core.registry import resolve_model_version
         from core.store import connect
 
-        # Pinned now: a version registered while the other rows run must not change which one the int8 rows load.
+        # Pinned now: a version registered while the other rows run must not change which one the rows load.
         version = resolve_model_version(connect(), args.model)
         model_ref = f"{version.name}/{version.version}"
+        if "memorization" in selected and version.run_id:
+            run_params = dict(connect().get_run(version.run_id).data.params)
+    memorization_data = None
+    if "memorization" in selected:
+        from core.data import read_corpus
+        from core.memorization import training_data
+
+        memorization_data = training_data(run_params, explicit_data)  # --data, else the run's, else the default
+        read_corpus(memorization_data.source)
     rows = []
 
     def measure(title: str, section: Callable[..., benchmark.Row | list[benchmark.Row]], *args, **kwargs) -> None:
@@ -170,6 +200,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             args,
         )
 
+    if "quality" in selected:
+        from core.data import read_corpus
+
+        read_corpus(args.data)  # downloaded once here, so the budget runs do not spend their time on it
+        for budget in args.budgets or ([120.0] if args.quick else [600.0]):
+            measure(
+                f"quality: a {budget / 60:g}-minute time-budget training run, held-out bits per character",
+                benchmark.quality_budget,
+                budget,
+                args.data,
+                hf_check=_has_transformers(),
+            )
+
+    if "memorization" in selected:
+        with_model = f" and {model_ref}'s copied share" if model_ref else ""
+        measure(
+            f"memorization: the copy index vs a scan of the training split{with_model}",
+            _memorization_rows,
+            model_ref,
+            memorization_data,
+            args,
+        )
+
     if args.json:
         print(json.dumps({"machine": machine, "rows": [row.to_dict() for row in rows]}, indent=2))
         return 0
@@ -178,6 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         print(f"{row.name:<16} {row.ours:>12.3f} {row.reference:>12.3f}  {row.unit:<16} {row.ratio:>6.2f}×  {row.note}")
     return 0
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
 
 
 def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
@@ -197,6 +256,28 @@ def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
         repeats=2 if args.quick else 3,
         eval_batches=4 if args.quick else 16,
         label=model_ref,
+        log=log,
+    )
+
+
+def _memorization_rows(model_ref: str | None, data, args, log: Callable[[str], None]) -> list:
+    from core import benchmark
+    from core.data import prepare_corpus
+    from core.tokenizer import get_tokenizer
+
+    model = None
+    if model_ref is not None:
+        from core.registry import load_registered_model
+        from core.store import connect
+
+        model, _, _ = load_registered_model(connect(), model_ref, device="cpu")
+    return benchmark.memorization(
+        prepare_corpus(data, get_tokenizer()),
+        model,
+        samples=4 if args.quick else 8,
+        new_tokens=200,
+        repeats=3 if args.quick else 5,
+        label=model_ref or "the model",
         log=log,
     )
 

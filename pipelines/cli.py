@@ -8,6 +8,7 @@ error) prints ``error: MLflow: <message>`` and exits 1. Anything else is a bug a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,12 @@ USAGE_ERROR = 2
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error message instead of the usage block."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # "--time-budget -5m" is a value to refuse with its own message, not an unknown option "-5m": argparse lets a
+        # negative number through as a value, and this widens what counts as one to numbers with a unit.
+        self._negative_number_matcher = re.compile(r"^-\d*\.?\d+[a-z]*$")
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
@@ -32,6 +39,17 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def duration(text: str) -> float:
+    """argparse type: a duration such as ``90s``, ``10m`` or ``1h`` (see :func:`core.config.parse_duration`), in
+    seconds."""
+    from core.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:

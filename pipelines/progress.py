@@ -6,6 +6,7 @@ import sys
 import time
 from typing import TextIO
 
+from core.memorization import METRIC_LONGEST, METRIC_SHARE
 from core.trainer import Callback, TrainResult
 
 
@@ -25,6 +26,7 @@ class TerminalProgress(Callback):
         self._started = time.perf_counter()
         self._start_step = 0  # a resumed training starts after this step: the ETA counts only this session's steps
         self._bar_visible = False
+        self._copy_metrics: dict[str, float] | None = None  # the next sample's memorisation figures
 
     def _line(self, text: str) -> None:
         if self._bar_visible:
@@ -61,13 +63,15 @@ class TerminalProgress(Callback):
                 + (f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else "")
             )
         if self.is_tty:
+            # A time-budget run reports the steps it plans to take; the bar and ETA follow that plan.
+            planned = int(metrics.get("planned_steps", self.max_steps))
             elapsed = time.perf_counter() - self._started
-            eta = elapsed / (step - self._start_step) * (self.max_steps - step)
-            done = int(30 * step / self.max_steps)
+            eta = elapsed / (step - self._start_step) * max(0, planned - step)
+            done = min(30, int(30 * step / planned))
             bar = "█" * done + "·" * (30 - done)
+            note = "planned for the time budget" if "planned_steps" in metrics else "at most; a target loss may stop it"
             self.stream.write(
-                f"\r\033[K{bar} {step}/{self.max_steps} avg_loss {metrics['avg_loss']:.4f} "
-                f"ETA {eta:,.0f}s (at most; stops earlier at the target loss)"
+                f"\r\033[K{bar} {step}/{planned} avg_loss {metrics['avg_loss']:.4f} ETA {eta:,.0f}s ({note})"
             )
             self.stream.flush()
             self._bar_visible = True
@@ -75,9 +79,18 @@ class TerminalProgress(Callback):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._line(f"step {step:6d} | val_loss {metrics['val_loss']:.4f} | val_bpc {metrics['val_bpc']:.4f}")
 
+    def on_sample_report(self, step: int, metrics: dict[str, float]) -> None:
+        self._copy_metrics = metrics
+
     def on_sample(self, step: int, text: str) -> None:
         if self.show_samples:
             self._line(f"--- sample at step {step} ---\n{text}\n---")
+            copied = self._copy_metrics
+            if copied is not None:
+                share = copied.get(METRIC_SHARE)
+                spans = "no 8-token spans" if share is None else f"{100 * share:.1f}% of 8-token spans"
+                self._line(f"copied from the training split: {spans}, longest {copied[METRIC_LONGEST]:.0f} chars")
+        self._copy_metrics = None
 
     def on_train_end(self, result: TrainResult) -> None:
         self._line(

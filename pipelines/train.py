@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.cli import ArgumentParser, positive_int, run
+from pipelines.cli import ArgumentParser, duration, positive_int, run
 
 if TYPE_CHECKING:
     from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
@@ -63,14 +63,19 @@ DEFAULT_PRESET = "tiny"
 
 
 def build_parser() -> ArgumentParser:
-    from core.config import PRESETS, TINY_SHAKESPEARE_URL, TrainConfig
+    from core.config import BUDGET_PRESET, PRESETS, TINY_SHAKESPEARE_URL, TrainConfig
     from core.device import DEVICE_CHOICES
     from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
     d = TrainConfig()
     p = ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     model = p.add_argument_group("model")
-    model.add_argument("--preset", choices=sorted(PRESETS), help=f"model shape (default: {DEFAULT_PRESET})")
+    model.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help=f"model shape, with its recipe's training defaults if it has one (default: {DEFAULT_PRESET}, or "
+        f"{BUDGET_PRESET} with --time-budget)",
+    )
     model.add_argument("--n-layer", type=positive_int, help="override the preset's number of blocks")
     model.add_argument("--n-head", type=positive_int, help="override the preset's attention heads")
     model.add_argument("--n-embd", type=positive_int, help="override the preset's width")
@@ -95,35 +100,45 @@ def build_parser() -> ArgumentParser:
     data.add_argument(
         "--order",
         choices=("sequential", "random"),
-        default="sequential",
-        help="batch order: the reference's sequential windows, or random windows",
+        help="batch order: the reference's sequential windows (default), or random windows",
     )
 
-    opt = p.add_argument_group("optimisation and stopping")
-    opt.add_argument("--max-steps", type=int, default=d.max_steps, help=f"step limit (default {d.max_steps:,})")
+    opt = p.add_argument_group(
+        "optimisation and stopping",
+        "A default in brackets below is the reference's; the shakespeare-cpu preset has its own (core.config.RECIPES).",
+    )
+    opt.add_argument(
+        "--time-budget",
+        type=duration,
+        metavar="DURATION",
+        help="train for this wall-clock time (90s, 10m, 1h): the schedule is sized to end inside it, evaluations "
+        "and checkpoints included; --max-steps becomes a cap",
+    )
+    opt.add_argument(
+        "--tie-unused-tokens",
+        action=argparse.BooleanOptionalAction,
+        help="one shared embedding row for the tokens the corpus never uses: a ~4x cheaper LM head, same model",
+    )
+    opt.add_argument("--max-steps", type=int, help=f"step limit (default {d.max_steps:,})")
     opt.add_argument(
         "--target-loss",
         type=float,
-        default=d.target_loss,
         help=f"stop when the {d.avg_window}-step average loss is below this; 0 disables (default 0.1)",
     )
-    opt.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     opt.add_argument(
         "--warmup-fraction",
         type=float,
-        default=d.warmup_fraction,
         help=f"share of the schedule spent warming up (default {d.warmup_fraction})",
     )
     opt.add_argument(
         "--final-div-factor",
         type=float,
-        default=d.final_div_factor,
         help=f"final lr = lr / 25 / this (default {d.final_div_factor:g})",
     )
     opt.add_argument(
         "--weight-decay",
         type=float,
-        default=d.weight_decay,
         help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})",
     )
     opt.add_argument(
@@ -133,16 +148,13 @@ def build_parser() -> ArgumentParser:
         metavar="N",
         help="accumulate the gradients of N micro-batches per optimizer step (default 1)",
     )
-    opt.add_argument("--beta1", type=float, default=d.beta1, help=f"AdamW beta1 (default {d.beta1})")
-    opt.add_argument("--beta2", type=float, default=d.beta2, help=f"AdamW beta2 (default {d.beta2})")
-    opt.add_argument("--eps", type=float, default=d.eps, help=f"AdamW epsilon (default {d.eps:g})")
-    opt.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip; 0 disables (default 0.5)"
-    )
+    opt.add_argument("--beta1", type=float, help=f"AdamW beta1 (default {d.beta1})")
+    opt.add_argument("--beta2", type=float, help=f"AdamW beta2 (default {d.beta2})")
+    opt.add_argument("--eps", type=float, help=f"AdamW epsilon (default {d.eps:g})")
+    opt.add_argument("--grad-clip", type=float, help="gradient norm clip; 0 disables (default 0.5)")
     opt.add_argument(
         "--eval-interval",
         type=int,
-        default=d.eval_interval,
         help=f"validate every N steps and at the end; 0 disables (default {d.eval_interval})",
     )
     opt.add_argument("--eval-batches", type=positive_int, help="validation batches per eval (default: all)")
@@ -150,7 +162,6 @@ def build_parser() -> ArgumentParser:
     opt.add_argument(
         "--sample-interval",
         type=int,
-        default=d.sample_interval,
         help=f"log a text sample every N steps and at the end; 0 = end only (default {d.sample_interval})",
     )
     opt.add_argument(
@@ -194,7 +205,6 @@ def build_parser() -> ArgumentParser:
     ckpt.add_argument(
         "--checkpoint-interval",
         type=int,
-        default=d.checkpoint_interval,
         metavar="N",
         help=f"resumable checkpoint every N steps and at the end; 0 = none (default {d.checkpoint_interval})",
     )
@@ -241,7 +251,14 @@ def check_resume_options(args: argparse.Namespace, given: Sequence[str]) -> None
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig]:
     """The validated configs of parsed arguments; a bad value raises ``ValueError`` with a one-line message."""
-    from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+    from core.config import BUDGET_PRESET, DataConfig, ModelConfig, TrackingConfig, TrainConfig, recipe_defaults
+
+    preset = args.preset or (BUDGET_PRESET if args.time_budget is not None and args.init_from is None else None)
+    recipe = recipe_defaults(preset) if preset is not None else {}
+
+    def setting(name: str, flag_value, fallback):
+        """A flag's value when given, else the preset's recipe, else the config class's default."""
+        return flag_value if flag_value is not None else recipe.get(name, fallback)
 
     if args.init_from is not None:
         model_config = init_from_model_config(args)
@@ -249,7 +266,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
             model_config = dataclasses.replace(model_config, pad_vocab_multiple=args.pad_vocab)
     else:
         model_config = ModelConfig.from_preset(
-            args.preset or DEFAULT_PRESET,
+            preset or DEFAULT_PRESET,
             n_layer=args.n_layer,
             n_head=args.n_head,
             n_embd=args.n_embd,
@@ -257,34 +274,44 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
             dropout=args.dropout,
             pad_vocab_multiple=args.pad_vocab,
         )
-    block_size = args.block_size or model_config.block_size
-    batch_size = args.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
+    block_size = setting("block_size", args.block_size, None) or model_config.block_size
+    batch_size = setting("batch_size", args.batch_size, None) or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
+    data_defaults, train_defaults = DataConfig(), TrainConfig()
     data_config = DataConfig(
-        source=args.data, batch_size=batch_size, block_size=block_size, order=args.order, seed=args.seed
+        source=args.data,
+        batch_size=batch_size,
+        block_size=block_size,
+        order=setting("order", args.order, data_defaults.order),
+        seed=args.seed,
     )
+    recipe_fields = [
+        "max_steps",
+        "target_loss",
+        "lr",
+        "warmup_fraction",
+        "final_div_factor",
+        "beta1",
+        "beta2",
+        "eps",
+        "weight_decay",
+        "grad_clip",
+        "eval_interval",
+        "sample_interval",
+        "checkpoint_interval",
+        "tie_unused_tokens",
+    ]
     train_config = TrainConfig(
-        max_steps=args.max_steps,
-        target_loss=args.target_loss,
-        lr=args.lr,
-        warmup_fraction=args.warmup_fraction,
-        final_div_factor=args.final_div_factor,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        eps=args.eps,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
+        **{name: setting(name, getattr(args, name), getattr(train_defaults, name)) for name in recipe_fields},
+        time_budget=args.time_budget,
         grad_accum=args.grad_accum,
-        eval_interval=args.eval_interval,
         eval_batches=args.eval_batches,
         patience=args.patience,
-        sample_interval=args.sample_interval,
         sample_prompt=args.sample_prompt,
         seed=args.seed,
         device=args.device,
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
         compile=args.compile,
         peak_tflops=args.peak_tflops,
-        checkpoint_interval=args.checkpoint_interval,
         keep_checkpoints=args.keep_checkpoints,
     )
     tracking = TrackingConfig(
@@ -293,7 +320,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
         register_as=args.register_as,
         alias=args.alias,
         register_best=args.register_best,
-        preset=args.preset or ("custom" if args.init_from is not None else DEFAULT_PRESET),
+        preset=preset or ("custom" if args.init_from is not None else DEFAULT_PRESET),
         checkpoint_root=args.checkpoint_root,
     )
     return model_config, data_config, train_config, tracking

@@ -124,3 +124,55 @@ def test_int8_generation_is_reproducible_and_leaves_the_fp32_model_alone(studio_
     app.button[0].click().run()
     assert samples(app) == fp32  # the cached fp32 model was not changed by quantizing
     assert not any("(int8)" in c.value for c in app.caption)
+
+
+def meter_captions(app: AppTest) -> list[str]:
+    return [c.value for c in app.caption if "longest copied span" in c.value]
+
+
+def test_each_sample_shows_how_much_it_copies_from_the_training_split(studio_store, tmp_path, monkeypatch, tokenizer):
+    from core.config import DataConfig
+    from core.data import prepare_corpus
+    from core.memorization import index_for
+
+    monkeypatch.chdir(tmp_path)  # the corpus caches (data/) go to the scratch folder
+    filler = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\n" * 30
+    first_corpus = tmp_path / "first.txt"
+    first_corpus.write_text(filler)
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(first_corpus))  # the run has no data_source param: the default
+    app = app_page(PAGE).run()
+    app.text_area[0].set_value("JULIET:")
+    inputs = {n.label: n for n in app.number_input}
+    inputs["Max new tokens"].set_value(24)
+    inputs["Samples"].set_value(2)
+    app.text_input[0].set_value("7")
+    app.button[0].click().run()
+    assert not app.exception
+    texts = [html.unescape(t.removeprefix("<div class='sample'>").removesuffix("</div>")) for t in samples(app)]
+    assert len(texts) == 2 and len(meter_captions(app)) == 2
+    # A training split holding the samples' own continuations: the meter finds them there.
+    continuations = [text.removeprefix("JULIET:") for text in texts]
+    corpus_path = tmp_path / "second.txt"
+    corpus_path.write_text("\n\n".join(continuations) + "\n\n" + filler)
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(corpus_path))
+    app.button[0].click().run()
+    assert not app.exception
+    corpus = prepare_corpus(DataConfig(source=str(corpus_path)), tokenizer)
+    reports = [index_for(corpus).report_text(text, tokenizer) for text in continuations]
+    assert max(report.copied_share for report in reports) > 0.5
+    captions = meter_captions(app)
+    for caption, report in zip(captions, reports, strict=True):
+        assert f"copied **{report.copied_share:.1%}** of {report.spans} 8-token spans" in caption
+        assert caption.endswith(f"longest copied span **{report.longest_copy_chars}** chars")
+    spans = [expander.code[0].value for expander in app.expander if expander.label.startswith("Longest span")]
+    assert spans == [report.longest_copy_text for report in reports]
+
+
+def test_without_the_training_corpus_the_samples_come_without_the_meter(studio_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(tmp_path / "missing.txt"))
+    app = app_page(PAGE).run()
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(4)
+    app.button[0].click().run()
+    assert not app.exception
+    assert len(samples(app)) == 3 and not meter_captions(app)
+    assert any(c.value.startswith("ℹ️ Memorisation not measured: corpus file not found") for c in app.caption)

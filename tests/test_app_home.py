@@ -14,13 +14,20 @@ def test_home_explains_the_studio_and_counts_what_the_store_holds(studio_store):
     assert not app.exception
     assert "Shakespeare GPT studio" in app.title[0].value
     counts = {m.label: m.value for m in app.metric}
-    assert counts == {"Runs": "2", "Finished runs": "2", "Registered models": "1", "Model versions": "1"}
+    assert counts == {
+        "Runs": "2",
+        "Finished runs": "2",
+        "Registered models": "1",
+        "Model versions": "1",
+        "Best held-out bpc": "2.000",  # the fixture's runs logged val_bpc 2.0 (and no best: read from the history)
+    }
     # The exact command that opens this store in the MLflow UI.
     assert any(code.value.startswith(f"mlflow ui --backend-store-uri {studio_store} ") for code in app.code)
     assert studio_store in app.markdown[1].value or any(studio_store in m.value for m in app.markdown)
     assert "No training is running." in [c.value for c in app.caption]
     latest = app.dataframe[0].value
     assert latest.iloc[0]["name"] == "shakespeare-gpt" and latest.iloc[0]["aliases"] == "champion"
+    assert latest.iloc[0]["best_val_bpc"] == 2.0  # the source run's best held-out bits per character
 
 
 def test_home_on_an_empty_store_points_to_training(empty_store):

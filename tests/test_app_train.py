@@ -31,18 +31,48 @@ def wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out")
 
 
+def test_the_form_offers_the_cpu_recipe_with_a_time_budget_first(empty_store, corpus_env):
+    from core.config import BUDGET_PRESET, recipe_defaults
+
+    app = app_page(PAGE).run()
+    assert not app.exception
+    assert app.selectbox[0].value == BUDGET_PRESET
+    recipe = recipe_defaults(BUDGET_PRESET)
+    inputs = {n.label: n.value for n in app.number_input}
+    assert inputs["Peak learning rate"] == recipe["lr"] and inputs["Target avg loss (0 = off)"] == 0
+    assert inputs["Batch size B (sequences)"] == recipe["batch_size"]
+    assert inputs["Block size T (tokens per sequence)"] == recipe["block_size"]
+    assert next(t for t in app.text_input if t.label == "Time budget").value == "10m"
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Steps in the budget"].startswith("~") and "Time for max steps" not in metrics
+    assert "No training jobs yet" in app.info[0].value
+
+
+def test_a_bad_time_budget_is_one_message_and_starts_nothing(empty_store, corpus_env):
+    app = app_page(PAGE).run()
+    for bad in ("ten", "-5m", "0"):
+        next(t for t in app.text_input if t.label == "Time budget").set_value(bad)
+        app.button[0].click().run()
+        assert not app.exception
+        assert any(e.value.startswith("Time budget:") for e in app.error)
+        assert any("Not started" in e.value for e in app.error)
+    assert list_jobs() == []
+
+
 def test_the_form_shows_the_trainer_defaults_and_an_estimate(empty_store, corpus_env):
     app = app_page(PAGE).run()
+    app.selectbox[0].set_value("tiny").run()
     assert not app.exception
     inputs = {n.label: n.value for n in app.number_input}
     assert inputs["Max steps"] == 20_000 and inputs["Target avg loss (0 = off)"] == 0.1
     assert inputs["Peak learning rate"] == 6e-4 and inputs["Gradient clip (0 = off)"] == 0.5
     assert inputs["Batch size B (sequences)"] * inputs["Block size T (tokens per sequence)"] == 2048
+    assert next(t for t in app.text_input if t.label == "Time budget").value == ""  # the reference: no budget
     metrics = {m.label: m.value for m in app.metric}
     # 301,966 training tokens in whole batches of 16 × 128.
     assert metrics["Tokens per epoch"] == f"{(301_966 - 1) // 2048 * 2048:,}"
     assert metrics["Time per step"].endswith(" ms")
-    assert "No training jobs yet" in app.info[0].value
+    assert "Time for max steps" in metrics
 
 
 def upload_and_update(app, name: str, content: bytes) -> None:
@@ -190,3 +220,93 @@ def test_a_died_job_shows_as_died_with_why_and_its_run_ends_killed(empty_store, 
     assert not [b for b in app.button if b.label == "Cancel"]  # only a running job can be cancelled
     assert any("Training jobs (0 running)" in h.value for h in app.subheader)
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+# ---- the Sweep section -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """core.jobs.start_job replaced: the (args, kwargs) of every start, and a job in state starting."""
+    import core.jobs
+
+    calls = []
+
+    def start_job(args, **kwargs):
+        calls.append((list(args), kwargs))
+        return core.jobs.JobInfo("20260101-000000-abcdef", core.jobs.default_jobs_root(), "starting", pid=4242)
+
+    monkeypatch.setattr(core.jobs, "start_job", start_job)
+    return calls
+
+
+def test_the_sweep_section_starts_a_sweep_job_with_the_forms_settings(empty_store, corpus_env, started):
+    app = app_page(PAGE).run()
+    fill(app, **{"Block size T (tokens per sequence)": 16, "Batch size B (sequences)": 2})
+    next(b for b in app.button if b.label == "Update estimate").click().run()  # applies the training form
+    fill(app, Trials=3)
+    [space] = app.text_area
+    space.set_value("# a comment\nlr=loguniform:1e-4:3e-3\n\nn_layer=int:1:3\n")
+    inputs = {t.label: t for t in app.text_input}
+    inputs["Time per trial"].set_value("90s")
+    inputs["Sweep name (optional)"].set_value("page-sweep")
+    next(b for b in app.button if b.label == "Start sweep").click().run()
+    assert not app.exception and not app.error
+    [(args, kwargs)] = started
+    assert kwargs == {"label": "sweep page-sweep", "kind": "sweep"}
+    assert args[args.index("--batch-size") + 1] == "2" and args[args.index("--block-size") + 1] == "16"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == ["lr=loguniform:1e-4:3e-3", "n_layer=int:1:3"]
+    assert args[args.index("--trials") + 1] == "3" and args[args.index("--trial-budget") + 1] == "90s"
+    assert args[-8:] == ["--metric", "val_bpc", "--pruner", "median", "--alias", "sweep-best", "--name", "page-sweep"]
+    assert "--time-budget" not in args  # the sweep's total budget is optional and was left empty
+
+
+def test_a_bad_search_space_is_one_message_and_starts_nothing(empty_store, corpus_env, started):
+    app = app_page(PAGE).run()
+    app.text_area[0].set_value("lr=uniform:3e-3:1e-4")
+    next(b for b in app.button if b.label == "Start sweep").click().run()
+    assert not app.exception
+    [error] = app.error
+    assert error.value == (
+        "The sweep was not started: --param lr=uniform:3e-3:1e-4: LOW must be below HIGH, got 0.003 and 0.0001 "
+        "(for one value use choice:0.003)"
+    )
+    assert not started
+
+
+def test_a_stopped_sweep_job_shows_its_trials_and_best_and_can_be_resumed(empty_store, corpus_env, started):
+    import json
+    import sys
+
+    import psutil
+
+    from core.jobs import default_jobs_root
+
+    gone = psutil.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = default_jobs_root() / "20260101-000002-bbbbbb"
+    folder.mkdir(parents=True)
+    meta = {"job_id": folder.name, "kind": "sweep", "pid": gone.pid, "pgid": gone.pid, "create_time": 1.0}
+    meta.update(argv=["python", "-m", "pipelines.sweep"], label="sweep lr-search", created_at=time.time())
+    (folder / "job.json").write_text(json.dumps(meta))
+    status = {"name": "lr-search", "metric": "val_bpc", "n_trials": 4, "phase": "ended", "trial_number": None}
+    status.update(complete=1, pruned=1, failed=0, best_value=4.6851, best_trial=0)
+    status["last_trial"] = {"number": 1, "state": "PRUNED", "value": 5.4012, "error": None}
+    (folder / "sweep.json").write_text(json.dumps(status))
+    result = {"status": "KILLED", "exit_code": 130, "run_id": None, "stop_reason": "stopped: SIGTERM"}
+    (folder / "result.json").write_text(json.dumps({**result, "run_ended": True}))
+
+    app = app_page(PAGE).run()
+    assert not app.exception
+    lines = [m.value for m in app.markdown]
+    assert any(
+        "🔎 Sweep **lr-search** · 2 of 4 trials done · 1 complete, 1 pruned, 0 failed · best val_bpc **4.6851** "
+        "(trial 0)" in line
+        for line in lines
+    ), lines
+    assert any("Latest: trial 1 pruned, val_bpc 5.4012" in c.value for c in app.caption)
+    assert any("sweep: 2 of 4 trials done" in (p.proto.text or "") for p in app.get("progress"))
+    next(b for b in app.button if b.label == "Resume sweep").click().run()
+    assert not app.exception
+    [(args, kwargs)] = started
+    assert args == ["--resume", "lr-search"] and kwargs == {"label": "sweep lr-search", "kind": "sweep"}

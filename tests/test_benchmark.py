@@ -111,3 +111,69 @@ def test_cli_int8_rows_measure_the_version_the_reference_named_at_the_start(stud
     assert (speed["name"], loss["name"]) == ("generate_b1_int8", "val_loss_int8")
     assert speed["note"].startswith("shakespeare-gpt/1: int8 vs fp32") and loss["ratio"] > 0
     assert "int8: shakespeare-gpt/1 with int8 linear layers" in captured.err
+
+
+SCENE = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 40
+
+
+def test_memorization_rows_time_the_index_against_a_scan_and_measure_a_model(tmp_path, tiny_model, tokenizer):
+    from core.config import DataConfig
+    from core.data import prepare_corpus
+    from core.memorization import CopyIndex
+
+    (tmp_path / "scene.txt").write_text(SCENE + "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n" * 5)
+    corpus = prepare_corpus(DataConfig(source=str(tmp_path / "scene.txt"), cache_dir=str(tmp_path)), tokenizer)
+    lines: list[str] = []
+    speed, share = benchmark.memorization(
+        corpus, tiny_model, samples=2, new_tokens=20, repeats=1, label="tiny/1", log=lines.append
+    )
+    assert speed.name == "memorization_speed" and speed.unit == "ms/sample"
+    assert speed.ours > 0 and speed.reference > 0 and speed.ratio == pytest.approx(speed.reference / speed.ours)
+    assert "2 held-out samples × 20 tokens" in speed.note and "index built once in" in speed.note
+    assert share.name == "memorization_share" and share.unit == "% of 8-token spans" and "tiny/1" in share.note
+    # The reference is the held-out windows' pooled share, as the meter gives it.
+    index = CopyIndex(corpus.tokens("train"))
+    reports = [
+        index.report_text(tokenizer.decode(w.tolist()), tokenizer)
+        for w in benchmark._held_out_windows(corpus.tokens("val"), 2, 20)
+    ]
+    assert share.reference == pytest.approx(100 * sum(r.copied_spans for r in reports) / sum(r.spans for r in reports))
+    assert any("index of" in line for line in lines)
+    only_speed = benchmark.memorization(corpus, samples=1, new_tokens=20, repeats=1, log=lambda _: None)
+    assert [row.name for row in only_speed] == ["memorization_speed"]
+
+
+@pytest.mark.slow
+def test_cli_memorization_rows_measure_the_named_model(studio_store, tmp_path, monkeypatch, capsys):
+    from pipelines import benchmark as cli
+
+    monkeypatch.chdir(tmp_path)  # the corpus cache (data/) goes to the scratch folder
+    (tmp_path / "scene.txt").write_text(SCENE)
+    args = ["--quick", "--json", "--only", "memorization", "--data", str(tmp_path / "scene.txt")]
+    assert cli.main(args) == 0
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)["rows"]] == ["memorization_speed"]
+    assert cli.main([*args, "--model", "shakespeare-gpt@champion"]) == 0
+    captured = capsys.readouterr()
+    speed, share = json.loads(captured.out)["rows"]
+    assert (speed["name"], share["name"]) == ("memorization_speed", "memorization_share")
+    assert share["note"].startswith("shakespeare-gpt/1: 4 samples × 200 new tokens")
+    assert "memorization: the copy index vs a scan of the training split and shakespeare-gpt/1" in captured.err
+
+
+@pytest.mark.slow  # a real `pipelines.train --time-budget` process, then its model through transformers
+def test_the_quality_row_trains_a_budget_run_as_a_user_does_and_checks_it_with_transformers(tmp_path, shakespeare_path):
+    corpus = tmp_path / "head.txt"
+    corpus.write_text(shakespeare_path.read_text()[:30_000])
+    shape = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--block-size", "32"]
+    lines: list[str] = []
+    quality, wall, hf = benchmark.quality_budget(12.0, str(corpus), train_args=shape, log=lines.append)
+    assert quality.name == "quality_0.2m" and quality.unit == "bits/char"
+    assert quality.reference == 2.71 and quality.ratio == pytest.approx(2.71 / quality.ours)
+    assert 3.0 < quality.ours < 12.0  # a 1-layer model after seconds: far from good, far from uniform (15.6)
+    assert "steps (anchors: char-level CPU 2.71" in quality.note and "ROMEO:" in quality.note
+    assert wall.name == "budget_wall_0.2m" and wall.reference == 12.0 and wall.ours > 12.0 * 0.5
+    # transformers, on the registered model's Hugging Face export, computes the run's best held-out figure: the
+    # version registered is the best-validation checkpoint, and the shared-row training is a plain GPT-2.
+    assert hf.name == "quality_hf_0.2m" and hf.reference == quality.ours
+    assert hf.ours == pytest.approx(quality.ours, rel=1e-3)
+    assert any("--time-budget 12s" in line for line in lines)

@@ -104,6 +104,42 @@ def test_generate_json_is_reproducible(tiny_checkpoint):
     assert first["samples"] == second["samples"]
 
 
+def test_generate_measures_how_much_each_sample_copies(tiny_checkpoint, tmp_path, tokenizer):
+    from core.config import DataConfig
+    from core.data import prepare_corpus
+    from core.memorization import index_for
+
+    base = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--seed", "3")
+    base += ("--num-samples", "2", "--max-new-tokens", "24")
+    first = json.loads(cli(*base, "--no-memorization", "--json").stdout)
+    assert first["memorization"] is None and first["memorization_corpus"] is None
+    # A training split that holds the samples' own continuations: the meter must find them there.
+    corpus_path = tmp_path / "corpus.txt"
+    continuations = [sample.removeprefix("ROMEO:") for sample in first["samples"]]
+    corpus_path.write_text("\n\n".join(continuations) + "\n\nJULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n" * 30)
+    measured = cli(*base, "--data", str(corpus_path), "--json")
+    assert measured.returncode == 0, measured.stderr
+    document = json.loads(measured.stdout)
+    assert document["samples"] == first["samples"]
+    corpus = prepare_corpus(DataConfig(source=str(corpus_path), cache_dir=str(REPO / "data")), tokenizer)
+    assert document["memorization_corpus"]["sha256"] == corpus.meta["sha256"]
+    expected = [index_for(corpus).report_text(text, tokenizer) for text in continuations]
+    assert document["memorization"] == [report.to_dict() for report in expected]
+    assert max(report["copied_share"] for report in document["memorization"]) > 0.5
+    human = cli(*base, "--data", str(corpus_path))
+    assert [line for line in human.stdout.splitlines() if line.startswith("(copied:")] == [
+        f"({report.summary()})" for report in expected
+    ]
+    assert_usage_error(cli(*base, "--data", str(tmp_path / "missing.txt")), "corpus file not found")
+    # The default corpus out of reach (here: missing) is one line; the samples still come.
+    env = {**os.environ, "SHAKESPEARE_SOURCE": str(tmp_path / "missing.txt")}
+    unmeasured = cli(*base, "--json", env=env)
+    assert unmeasured.returncode == 0 and json.loads(unmeasured.stdout)["memorization"] is None
+    assert [line for line in unmeasured.stderr.splitlines() if "memorisation not measured" in line] == [
+        next(line for line in unmeasured.stderr.splitlines() if "corpus file not found" in line)
+    ]
+
+
 def test_generate_int8_streams_and_prints_only_the_text(tiny_checkpoint):
     args = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--quantize", "int8")
     result = cli(*args, "--max-new-tokens", "8", "--seed", "2", "--json")
@@ -275,6 +311,10 @@ def test_pad_vocab_applies_to_init_from_and_the_weights_load_padded(tmp_path, ti
         (["--pad-vocab", "0"], "expected a positive integer"),
         (["--pad-vocab", "2048"], "pad_vocab_multiple must be an integer in 1..1024"),
         (["--alias", "latest"], "reserved by MLflow"),  # refused before training, not by the registry after it
+        (["--time-budget", "0"], "a duration must be longer than zero, got '0'"),
+        (["--time-budget", "-5m"], "a duration must be longer than zero, got '-5m'"),
+        (["--time-budget", "ten"], "a duration looks like 90s, 10m or 1h, got 'ten'"),
+        (["--time-budget", "5s"], "time_budget must be at least 10 seconds"),
     ],
 )
 def test_train_bad_gpu_flags_are_one_line_and_exit_2(extra, fragment):

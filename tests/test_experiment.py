@@ -70,6 +70,21 @@ def test_a_short_run_logs_every_step_and_registers_a_model(tmp_path, shakespeare
     assert tags["dataset_name"] == "input" and tags["torch_version"] and tags["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"samples.txt", "run_summary.json"} <= artifacts
+    # Each sample's memorisation figures are metrics at its step, as the meter computes them for its continuation.
+    from core.data import prepare_corpus
+    from core.memorization import index_for
+
+    document = Path(client.download_artifacts(outcome.run_id, "samples.txt", str(tmp_path))).read_text()
+    data = DataConfig(source=str(shakespeare_path), cache_dir=str(tmp_path / "data"))
+    index = index_for(prepare_corpus(data, tokenizer))
+    logged = {
+        name: [(m.step, m.value) for m in client.get_metric_history(outcome.run_id, name)]
+        for name in ("sample_copied_share", "sample_longest_copy_chars")
+    }
+    assert sorted(step for step, _ in logged["sample_longest_copy_chars"]) == [10, 12]
+    for step, text in parse_samples(document):
+        for name, value in index.report_text(text.removeprefix("ROMEO:"), tokenizer).metrics().items():
+            assert (step, value) in logged[name]
 
     version = resolve_model_version(client, "shakespeare-gpt@champion")
     assert version.run_id == outcome.run_id

@@ -10,6 +10,7 @@ from core.model import (
     IGNORE_INDEX,
     KVCache,
     Linear,
+    SharedRows,
     _loss_chunk_rows,
     lm_head_cross_entropy,
     parameter_breakdown,
@@ -203,3 +204,37 @@ def test_padded_vocabulary_predicts_only_real_tokens(tiny_model, tiny_config):
     torch.testing.assert_close(logits, tiny_model(idx)[0])
     torch.testing.assert_close(padded(idx, idx)[1], tiny_model(idx, idx)[1])
     assert parameter_breakdown(padded)["total_params"] == parameter_breakdown(tiny_model)["total_params"] + 47 * 32
+
+
+def test_shared_rows_give_the_full_models_loss_and_gradients_at_a_fraction_of_the_head():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, block_size=8)
+    model = GPT(config)
+    used = torch.randint(0, 300, (40,))
+    shared = SharedRows(used, 300)
+    assert shared.rows.numel() == torch.unique(used).numel() + 1  # the used tokens and one shared row
+    shared.tie_unused_rows(model.transformer.wte.weight)
+    weight = model.transformer.wte.weight
+    assert torch.equal(weight[shared.unused], weight[shared.shared].expand(len(shared.unused), -1))
+    x = used[torch.randint(0, 40, (2, 8))]
+    y = torch.randint(0, 300, (2, 8))  # unused tokens among the targets too
+    y[0, 0] = -1  # and an ignored one
+    full_loss = model(x, y)[1]
+    full_loss.backward()
+    full = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    shared_loss = model(x, y, shared_rows=shared)[1]
+    shared_loss.backward()
+    torch.testing.assert_close(shared_loss, full_loss)
+    for name, p in model.named_parameters():
+        if name != "transformer.wte.weight":
+            torch.testing.assert_close(p.grad, full[name], rtol=1e-5, atol=1e-6)
+    # Used rows get their own gradient; the shared row gets the sum over the rows it stands for.
+    torch.testing.assert_close(weight.grad[shared.rows[:-1]], full["transformer.wte.weight"][shared.rows[:-1]])
+    torch.testing.assert_close(weight.grad[shared.shared], full["transformer.wte.weight"][shared.unused].sum(0))
+    with torch.no_grad():  # and without gradients (evaluation), the same loss
+        torch.testing.assert_close(model(x, y, shared_rows=shared)[1], full_loss)
+    with pytest.raises(ValueError, match="training loss only"):
+        model(x, shared_rows=shared)
+    with pytest.raises(ValueError, match="no row to share"):
+        SharedRows(torch.arange(300), 300)

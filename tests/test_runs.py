@@ -451,3 +451,23 @@ def test_histories_of_several_long_runs(fresh):
     small = metric_histories(fresh, run_ids, runs.TRAIN_METRICS, max_points=500)
     sizes = small.groupby(["run_id", "metric"]).size()
     assert len(sizes) == count * 6 and (sizes <= 500).all() and (sizes >= 400).all()
+
+
+def test_the_runs_table_has_each_runs_best_validation_not_only_its_last(tmp_path):
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = ensure_experiment(client, "best")
+    old = make_run(client, experiment, "before-best-was-logged", T0)
+    log_series(client, old, "val_bpc", [(100, 3.0, T0 + 1), (200, 2.5, T0 + 2), (300, 2.7, T0 + 3)])
+    log_series(client, old, "val_loss", [(100, 6.4, T0 + 1), (200, 5.4, T0 + 2), (300, 5.8, T0 + 3)])
+    new = make_run(client, experiment, "logs-its-best", T0 + 10)
+    log_series(client, new, "val_bpc", [(100, 2.4, T0 + 11), (200, 2.6, T0 + 12)])
+    log_series(client, new, "best_val_bpc", [(100, 2.4, T0 + 11), (200, 2.4, T0 + 12)])
+    plain = make_run(client, experiment, "never-evaluated", T0 + 20)
+    frame = list_runs(client, [experiment]).set_index("run_name")
+    assert frame.loc["before-best-was-logged", "metrics.val_bpc"] == 2.7  # the last value...
+    assert frame.loc["before-best-was-logged", "metrics.best_val_bpc"] == 2.5  # ...and the best, from the history
+    assert frame.loc["before-best-was-logged", "metrics.best_val_loss"] == 5.4
+    assert frame.loc["logs-its-best", "metrics.best_val_bpc"] == 2.4
+    assert math.isnan(frame.loc["never-evaluated", "metrics.best_val_bpc"])
+    metric_columns = [c for c in frame.columns if c.startswith("metrics.")]
+    assert metric_columns == sorted(metric_columns) and plain

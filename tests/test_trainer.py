@@ -62,7 +62,10 @@ def test_every_step_reports_the_metrics_and_loss_goes_down(small_corpus, tmp_pat
     assert last["best_loss"] == min(m["loss"] for _, m in rec.steps)
     assert last["tokens_per_sec"] == pytest.approx(4 * 32 / last["time_per_batch"])
     assert [s for s, _ in rec.evals] == [10, 20, 30]
-    assert all(set(m) == {"val_loss", "val_bpc"} for _, m in rec.evals)
+    assert all(set(m) == {"val_loss", "val_bpc", "best_val_loss", "best_val_bpc"} for _, m in rec.evals)
+    for i, (_, m) in enumerate(rec.evals):  # the best so far is the lowest of the evaluations up to this one
+        assert m["best_val_loss"] == min(e["val_loss"] for _, e in rec.evals[: i + 1])
+        assert m["best_val_bpc"] == pytest.approx(min(e["val_bpc"] for _, e in rec.evals[: i + 1]))
     assert [s for s, _ in rec.samples] == [15, 30]
     assert all(text.startswith("ROMEO:") for _, text in rec.samples)
     assert result.stop_reason == "max_steps" and result.steps == 30
@@ -467,3 +470,52 @@ def test_a_batch_that_does_not_fit_in_memory_is_one_message_naming_the_batch_siz
     with pytest.raises(NotEnoughMemory, match="--batch-size"):
         trainer.fit(tmp_path / "out")
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_each_sample_reports_how_much_it_copies_from_the_training_split(small_corpus, tmp_path, tokenizer):
+    from core.memorization import index_for
+
+    class CopyRecorder(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.reports = []
+
+        def on_sample_report(self, step, metrics):
+            self.reports.append((step, metrics))
+
+    data = DataConfig(source=str(small_corpus), cache_dir=str(tmp_path / "data"), batch_size=4, block_size=32)
+    config = TrainConfig(max_steps=12, eval_interval=0, sample_interval=5, sample_tokens=24, device="cpu")
+    recorder = CopyRecorder()
+    trainer = Trainer(MODEL, data, config, [recorder])
+    trainer.fit(tmp_path / "out")
+    assert [s for s, _ in recorder.reports] == [s for s, _ in recorder.samples] == [5, 10, 12]
+    index = index_for(trainer.corpus)
+    for (_, metrics), (_, text) in zip(recorder.reports, recorder.samples, strict=True):
+        expected = index.report_text(text.removeprefix(config.sample_prompt), tokenizer)
+        assert metrics == expected.metrics()
+        assert set(metrics) == {"sample_copied_share", "sample_longest_copy_chars"}
+    lines = io.StringIO()
+    progress = TerminalProgress(12, stream=lines)
+    progress.on_sample_report(5, {"sample_copied_share": 0.125, "sample_longest_copy_chars": 17.0})
+    progress.on_sample(5, "ROMEO: hello")
+    assert lines.getvalue().splitlines()[-1] == (
+        "copied from the training split: 12.5% of 8-token spans, longest 17 chars"
+    )
+
+
+def test_tied_unused_tokens_train_the_same_gpt2_with_every_unused_row_equal(small_corpus, tmp_path):
+    from core.checkpoint import load_checkpoint
+
+    trainer, rec = make_trainer(small_corpus, tmp_path, tie_unused_tokens=True, lr=3e-3, target_loss=0)
+    result = trainer.fit(tmp_path / "out")
+    shared = trainer.shared_rows
+    used = set(trainer.corpus.tokens("train").tolist())
+    assert set(shared.rows[:-1].tolist()) == used and shared.shared not in used
+    weight = trainer.model.transformer.wte.weight
+    assert torch.equal(weight[shared.unused], weight[shared.shared].expand(len(shared.unused), -1))
+    assert rec.steps[-1][1]["loss"] < rec.steps[0][1]["loss"]
+    # Its evaluation (through the shared row) is the full model's: the saved GPT-2 scores the same.
+    model, _ = load_checkpoint(result.final_checkpoint)
+    trainer.model.load_state_dict(model.state_dict())
+    trainer.shared_rows = trainer.token_rows = None  # the plain full-vocabulary route
+    assert trainer.evaluate()["val_loss"] == pytest.approx(rec.evals[-1][1]["val_loss"], rel=1e-5)

@@ -8,8 +8,18 @@ import time
 import plotly.graph_objects as go
 import streamlit as st
 import studio_ui as ui
+import sweep_panel
 
-from core.config import PRESETS, TINY_SHAKESPEARE_URL, DataConfig, ModelConfig, TrainConfig
+from core.config import (
+    BUDGET_PRESET,
+    PRESETS,
+    TINY_SHAKESPEARE_URL,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    parse_duration,
+    recipe_defaults,
+)
 from core.data import UPLOADS_FOLDER, store_upload
 from core.device import DEVICE_CHOICES
 from core.jobs import MAX_PROCESSES, cancel_job, delete_job, list_jobs, start_job
@@ -30,7 +40,6 @@ STATE_BADGES = {
 }
 
 ui.setup_page("Train", "🏋️")
-defaults = TrainConfig()
 uri = tracking_uri()
 
 
@@ -105,10 +114,25 @@ source = os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL
 # The preset sits outside the form: the shape fields' limits and defaults follow it at once. Inside the form every
 # default is fixed per preset (keyed by it), so a field never resets itself when another one changes.
 preset = st.selectbox(
-    "Preset", sorted(PRESETS), index=sorted(PRESETS).index("tiny"), help="model shape; see the Architecture page"
+    "Preset",
+    sorted(PRESETS),
+    index=sorted(PRESETS).index(BUDGET_PRESET),
+    help=f"model shape; see the Architecture page. {BUDGET_PRESET} comes with the training recipe measured to give "
+    "the best held-out text for a CPU time budget (README, Quality per CPU-minute)",
 )
 base = ModelConfig.from_preset(preset)
-default_block = min(base.block_size, 128)
+recipe = recipe_defaults(preset)
+# The form's defaults: the preset's recipe where it has one, else the trainer's (the reference's).
+defaults = TrainConfig(**{k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__})
+default_block = recipe.get("block_size", min(base.block_size, 128))
+default_batch = recipe.get("batch_size", max(1, 2048 // default_block))
+if recipe:
+    st.caption(
+        f"**{preset}**: {base.n_layer} layers × {base.n_embd} wide, its recipe's settings below "
+        f"({'random' if recipe.get('order') == 'random' else 'sequential'} batches"
+        + (", one shared row for tokens the corpus never uses" if recipe.get("tie_unused_tokens") else "")
+        + "). Give it a time budget and the run sizes its schedule to end on time."
+    )
 with st.form("train"):
     shape, optimisation, tracking = st.columns(3)
     with shape:
@@ -120,7 +144,7 @@ with st.form("train"):
             "Batch size B (sequences)",
             1,
             512,
-            max(1, 2048 // default_block),
+            default_batch,
             key=f"batch-{preset}",
             help="the reference trains on B·T = 2,048 tokens per step",
         )
@@ -140,13 +164,33 @@ with st.form("train"):
         )
     with optimisation:
         st.markdown("**Optimisation and stopping**")
-        max_steps = st.number_input("Max steps", 1, 1_000_000, defaults.max_steps)
-        target_loss = st.number_input("Target avg loss (0 = off)", 0.0, 20.0, defaults.target_loss, format="%.3f")
-        lr = st.number_input("Peak learning rate", 1e-6, 1.0, defaults.lr, format="%.1e")
-        weight_decay = st.number_input("Weight decay", 0.0, 1.0, defaults.weight_decay)
-        grad_clip = st.number_input("Gradient clip (0 = off)", 0.0, 100.0, defaults.grad_clip)
-        eval_interval = st.number_input("Eval interval (steps, 0 = end only)", 0, 1_000_000, defaults.eval_interval)
-        sample_interval = st.number_input("Sample interval (steps)", 0, 1_000_000, defaults.sample_interval)
+        time_budget = st.text_input(
+            "Time budget",
+            "10m" if recipe else "",
+            key=f"budget-{preset}",
+            placeholder="e.g. 90s, 10m, 1h; empty = none",
+            help="wall-clock time for the whole run, evaluations and checkpoints included: the first steps are "
+            "timed and the learning-rate schedule is sized to end inside it; Max steps becomes a cap. The run "
+            "registers its best-validation checkpoint",
+        )
+        max_steps = st.number_input("Max steps", 1, 1_000_000, defaults.max_steps, key=f"steps-{preset}")
+        target_loss = st.number_input(
+            "Target avg loss (0 = off)", 0.0, 20.0, defaults.target_loss, format="%.3f", key=f"target-{preset}"
+        )
+        lr = st.number_input("Peak learning rate", 1e-6, 1.0, defaults.lr, format="%.1e", key=f"lr-{preset}")
+        weight_decay = st.number_input("Weight decay", 0.0, 1.0, defaults.weight_decay, key=f"wd-{preset}")
+        grad_clip = st.number_input("Gradient clip (0 = off)", 0.0, 100.0, defaults.grad_clip, key=f"clip-{preset}")
+        eval_interval = st.number_input(
+            "Eval interval (steps, 0 = end only)",
+            0,
+            1_000_000,
+            defaults.eval_interval,
+            key=f"eval-{preset}",
+            help="with a time budget any value above 0 means 10 evaluations spread over the run",
+        )
+        sample_interval = st.number_input(
+            "Sample interval (steps)", 0, 1_000_000, defaults.sample_interval, key=f"sample-{preset}"
+        )
         patience = st.number_input("Patience (evals, 0 = off)", 0, 1000, 0)
         seed = st.number_input("Seed", 0, 2**31 - 1, defaults.seed)
     with tracking:
@@ -183,16 +227,35 @@ guess = ui.safely(
     int(facts["train_tokens"]),
     history,
 )
+budget_seconds = None
+if time_budget.strip():
+    try:
+        budget_seconds = parse_duration(time_budget)
+    except ValueError as exc:
+        st.error(f"Time budget: {exc}")
 e1, e2, e3, e4 = st.columns(4)
 e1.metric("Tokens per epoch", f"{guess.tokens_per_epoch:,}", help=f"{guess.batches_per_epoch:,} batches of B·T")
-e2.metric("Epochs in max steps", f"{guess.epochs:.3g}")
 e3.metric("Time per step", f"{guess.seconds_per_step * 1000:,.0f} ms", help=guess.method)
-e4.metric(
-    "Time for max steps", duration(guess.total_seconds), help="an upper bound: the target loss may stop it sooner"
-)
+if budget_seconds is not None:
+    budget_steps = min(int(max_steps), int(budget_seconds / guess.seconds_per_step))
+    e2.metric("Epochs in the budget", f"{budget_steps / max(1, guess.batches_per_epoch):.3g}")
+    e4.metric(
+        "Steps in the budget",
+        f"~{budget_steps:,}",
+        help="an estimate: the run times its own steps and plans for what fits, evaluations included",
+    )
+else:
+    e2.metric("Epochs in max steps", f"{guess.epochs:.3g}")
+    e4.metric(
+        "Time for max steps", duration(guess.total_seconds), help="an upper bound: the target loss may stop it sooner"
+    )
 
-if submitted:
+if submitted and time_budget.strip() and budget_seconds is None:
+    st.error("Not started: fix the time budget first.")
+elif submitted:
     args = ["--preset", preset, "--block-size", str(int(block)), "--batch-size", str(int(batch))]
+    if budget_seconds is not None:
+        args += ["--time-budget", f"{budget_seconds:g}s"]
     args += ["--data", data_source, "--device", device, "--max-steps", str(int(max_steps))]
     args += ["--target-loss", repr(float(target_loss)), "--lr", repr(float(lr))]
     args += ["--weight-decay", repr(float(weight_decay)), "--grad-clip", repr(float(grad_clip))]
@@ -210,6 +273,19 @@ if submitted:
         "The run was not started", start_job, args, label=run_name.strip() or None, processes=int(processes)
     )
     st.toast(f"Started training job {job.job_id} (pid {job.pid})", icon="🚀")
+
+
+# --- sweeps: the form's settings are every trial's base settings (the trials' budget is the sweep's own) ------------
+
+sweep_base = ["--preset", preset, "--block-size", str(int(block)), "--batch-size", str(int(batch))]
+sweep_base += ["--data", data_source, "--device", device, "--max-steps", str(int(max_steps))]
+sweep_base += ["--target-loss", repr(float(target_loss)), "--lr", repr(float(lr))]
+sweep_base += ["--weight-decay", repr(float(weight_decay)), "--grad-clip", repr(float(grad_clip))]
+sweep_base += ["--eval-interval", str(int(eval_interval)), "--sample-interval", str(int(sample_interval))]
+sweep_base += ["--seed", str(int(seed)), "--experiment", experiment, "--register-as", register_as]
+if patience:
+    sweep_base += ["--patience", str(int(patience))]
+sweep_panel.sweep_section(sweep_base)
 
 
 # --- the jobs -------------------------------------------------------------------------------------------------------
@@ -272,6 +348,8 @@ def show_job(job) -> None:
             )
         if job.reason and job.state in ("failed", "died", "unknown"):
             st.error(job.reason)
+        if job.kind == "sweep":
+            sweep_panel.show_sweep(job, act)
         st.progress(min(1.0, step / total), text=f"step {step:,} of {total:,}")
         if progress:
             m = st.columns(5)
@@ -283,8 +361,10 @@ def show_job(job) -> None:
                 "ETA" if job.is_active else "elapsed",
                 duration(progress.get("eta_s") if job.is_active else progress.get("elapsed_s")),
             )
-        if job.run_id and step:
-            st.plotly_chart(loss_chart(job.run_id, step), key=f"chart-{job.job_id}-{step}", width="stretch")
+        # A sweep's own run has no loss: its running trial's run has.
+        chart_run = (job.sweep or {}).get("trial_run_id") if job.kind == "sweep" else job.run_id
+        if chart_run and step:
+            st.plotly_chart(loss_chart(chart_run, step), key=f"chart-{job.job_id}-{step}", width="stretch")
         if job.model_version:
             st.success(f"Registered **{job.model_name}** version **{job.model_version}**")
             ui.page_link(

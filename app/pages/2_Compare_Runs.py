@@ -34,7 +34,8 @@ TABLE_COLUMNS = {
     "metrics.loss": "loss",
     "metrics.avg_loss": "avg loss",
     "metrics.val_loss": "val loss",
-    "metrics.val_bpc": "val bpc",
+    "metrics.best_val_bpc": "best val bpc",
+    "metrics.val_bpc": "last val bpc",
 }
 
 ui.setup_page("Compare Runs", "📈")

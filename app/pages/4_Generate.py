@@ -1,4 +1,5 @@
-"""Generate: pick a registered model and version or alias, and stream Shakespeare-style samples side by side."""
+"""Generate: pick a registered model and version or alias, and stream Shakespeare-style samples side by side, each
+with its memorisation meter (how much of it is copied from the training split)."""
 
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ if go:
     stream = ui.safely("Generation failed", TextStream, generator, tokenizer(), prompt, config)
     if stream.prompt_cropped:
         st.warning(f"The prompt is longer than the {model.config.block_size}-token context; only its end is used.")
-    boxes = []
+    copy_index, copy_note = ui.safely("Reading the model's run failed", ui.copy_meter, uri, registry_version.run_id)
+    boxes, meters = [], []
     per_row = min(config.num_samples, COLUMNS_PER_ROW)
     for _ in range(0, config.num_samples, per_row):
         for column in st.columns(per_row):
@@ -111,6 +113,7 @@ if go:
                 with column:
                     st.markdown(f"**Sample {len(boxes) + 1}**")
                     boxes.append(st.empty())
+                    meters.append(st.empty())
     texts = [prompt] * config.num_samples
     status = st.empty()
 
@@ -143,3 +146,9 @@ if go:
         f"**{result.tokens_per_sec:,.1f} tokens/s**{' (int8)' if int8 else ''} · seed {result.seed} "
         "(enter it to get these samples again)"
     )
+    if copy_index is not None:
+        for meter, continuation in zip(meters, result.continuations, strict=True):
+            with meter.container():
+                ui.show_copy_report(copy_index.report_text(continuation, tokenizer()))
+    if copy_note:
+        st.caption(f"ℹ️ {copy_note}")
