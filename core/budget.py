@@ -141,9 +141,11 @@ class BudgetPlanner:
         return elapsed + step_seconds + self.end_reserve() > self.seconds
 
 
-def periodic_due(step: int, total: int, events: int = PERIODIC_EVENTS) -> bool:
-    """Whether step ``step`` (1-based) of a plan of ``total`` steps is one of its ``events`` evenly spaced ones (the
-    steps where ``step · events / total`` passes a whole number; the last one coincides with the end)."""
-    if total <= 0 or step >= total:
+def periodic_due(step: int, rounds: int, last: int, total: int, events: int = PERIODIC_EVENTS) -> bool:
+    """Whether step ``step`` (1-based) of a plan of ``total`` steps gets a round of periodic work, ``rounds`` rounds
+    having been done, the latest at step ``last``: the next round falls at ``(rounds + 1) · total / events``, never
+    at the end (which has its own), and never within half a spacing of the latest. On a fixed plan that is
+    ``events - 1`` rounds, evenly spaced; a plan that moves moves the rounds still to come with it."""
+    if total <= 0 or events <= 0 or step >= total:
         return False
-    return (step * events) // total > ((step - 1) * events) // total
+    return step >= (rounds + 1) * total / events and step - last >= total / events / 2

@@ -262,7 +262,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = step_module = DistributedDataParallel(self.model, device_ids=device_ids)
+            self._ddp = step_module = DistributedDataParallel(step_module, device_ids=device_ids)
             torch.manual_seed(train_config.seed + 1 + dist.rank)
         self._train_step_model = training_module(step_module, train_config.compile)
         # On the CPU the model's default loss is its hand-written chunked LM head + cross-entropy (an autograd
@@ -408,13 +408,6 @@ class Trainer:
                 return False
             return step % interval == 0 if schedule is None else budget_event
 
-        def budget_event_at(step: int) -> bool:
-            """Whether ``step`` is one of the budget plan's evenly spaced points. A plan that moves can bring the
-            next point close to the last one: such a point is skipped, so rounds stay about a spacing apart."""
-            if not periodic_due(step, schedule.total, events):
-                return False
-            return step - run.last_event_step >= schedule.total / events / 2
-
         def timed(overhead: str, work: Callable[..., object], *args) -> object:
             """``work(*args)``; in a budget run its duration feeds the planner's ``overhead`` estimate."""
             started = self.clock()
@@ -491,9 +484,11 @@ class Trainer:
             if schedule is not None and schedule.total:
                 metrics["planned_steps"] = schedule.total
             self._emit("on_step", step, metrics)
-            budget_event = schedule is not None and budget_event_at(step)
+            budget_event = schedule is not None and periodic_due(
+                step, run.budget_rounds, run.last_event_step, schedule.total, events
+            )
             if budget_event:
-                run.last_event_step = step
+                run.last_event_step, run.budget_rounds = step, run.budget_rounds + 1
             if due(cfg.eval_interval, step):
                 run_eval(step)
                 if cfg.patience is not None and run.evals_without_improvement >= cfg.patience:
@@ -699,6 +694,7 @@ class Trainer:
                 "budget_used": run.budget_used,
                 "last_sample_step": run.last_sample_step,
                 "last_event_step": run.last_event_step,
+                "budget_rounds": run.budget_rounds,
             },
         }
         directory = save_resumable_checkpoint(
@@ -793,6 +789,7 @@ class Trainer:
             budget_used=float(trainer.get("budget_used", 0.0)),
             last_sample_step=int(trainer.get("last_sample_step", 0)),
             last_event_step=int(trainer.get("last_event_step", 0)),
+            budget_rounds=int(trainer.get("budget_rounds", 0)),
         )
         if best is not None:
             loop.best_state = {k: v.to(self.device) for k, v in best.items()}
@@ -904,6 +901,8 @@ class _LoopState:
     """Step of the latest periodic sample (a budget run's sampling steps move with its plan)."""
     last_event_step: int = 0
     """Step of a budget run's latest round of periodic work."""
+    budget_rounds: int = 0
+    """Rounds of periodic work a budget run has done."""
 
 
 def _field_defaults(config_type: type) -> dict:

@@ -254,7 +254,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
     from core.config import BUDGET_PRESET, DataConfig, ModelConfig, TrackingConfig, TrainConfig, recipe_defaults
 
     preset = args.preset or (BUDGET_PRESET if args.time_budget is not None and args.init_from is None else None)
-    recipe = recipe_defaults(preset) if preset is not None else {}
+    recipe = recipe_defaults(preset, args.time_budget) if preset is not None else {}
 
     def setting(name: str, flag_value, fallback):
         """A flag's value when given, else the preset's recipe, else the config class's default."""
@@ -271,7 +271,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, Tr
             n_head=args.n_head,
             n_embd=args.n_embd,
             block_size=args.context,
-            dropout=args.dropout,
+            dropout=setting("dropout", args.dropout, None),
             pad_vocab_multiple=args.pad_vocab,
         )
     block_size = setting("block_size", args.block_size, None) or model_config.block_size

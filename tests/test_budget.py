@@ -61,13 +61,20 @@ def test_the_schedule_state_is_plain_numbers_so_it_survives_a_json_checkpoint():
 
 
 def test_periodic_work_falls_on_evenly_spaced_steps_before_the_end():
-    for total in (10, 11, 97, 1000):
-        due = [step for step in range(1, total + 1) if periodic_due(step, total)]
-        assert len(due) == PERIODIC_EVENTS - 1 if total % PERIODIC_EVENTS == 0 else len(due) == PERIODIC_EVENTS - 1
-        assert due == sorted(set(due)) and all(step < total for step in due)
+    for total in (97, 250, 1000):  # (a plan of a few steps gets rounds at most every step: fewer than that)
+        due, last = [], 0
+        for step in range(1, total + 1):
+            if periodic_due(step, len(due), last, total):
+                due.append(step)
+                last = step
+        assert len(due) == PERIODIC_EVENTS - 1 and all(step < total for step in due)
         gaps = [b - a for a, b in zip([0, *due], [*due, total], strict=True)]
-        assert max(gaps) - min(gaps) <= 1  # even spacing, the end itself being the last event
-    assert not periodic_due(5, 0) and not periodic_due(10, 10)
+        spacing = total / PERIODIC_EVENTS  # even spacing, the end itself being the last round
+        assert all(abs(gap - spacing) <= 1 for gap in gaps)
+    assert not periodic_due(5, 0, 0, 0) and not periodic_due(10, 0, 0, 10) and not periodic_due(5, 0, 0, 100, 0)
+    # A plan that grows moves the next round with it; one that shrinks does not crowd the rounds it owes.
+    assert not periodic_due(150, 1, 100, 1000) and periodic_due(200, 1, 100, 1000)
+    assert not periodic_due(110, 1, 100, 500) and periodic_due(125, 1, 100, 500)
 
 
 def test_the_plan_fits_steps_and_periodic_work_into_what_is_left():

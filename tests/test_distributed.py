@@ -207,13 +207,16 @@ def only_run(client, experiment: str):
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process(tmp_path, shakespeare_path):
+@pytest.mark.parametrize("vocabulary", [[], ["--tie-unused-tokens"]], ids=["full-vocabulary", "shared-rows"])
+def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process(
+    tmp_path, shakespeare_path, vocabulary
+):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     steps = 8
-    common = ["--max-steps", str(steps)]
+    common = ["--max-steps", str(steps), *vocabulary]
     ddp = run_command(torchrun(2, train_argv(shakespeare_path, tmp_path, "ddp", *common, "--batch-size", "2")), env)
     run_command(
         [sys.executable, "-m", "pipelines.train",
