@@ -123,7 +123,7 @@ def test_an_uploaded_corpus_is_stored_under_data_uploads_and_used(empty_store, c
 @pytest.mark.slow
 def test_a_started_job_runs_in_the_background_shows_progress_and_registers(empty_store, corpus_env, tmp_path):
     app = app_page(PAGE).run()
-    app.selectbox[0].set_value("tiny")
+    app.selectbox[0].set_value("tiny").run()  # the form's fields follow the preset: fill tiny's
     fill(
         app,
         **{

@@ -169,7 +169,7 @@ def test_the_quality_row_trains_a_budget_run_as_a_user_does_and_checks_it_with_t
     quality, wall, hf = benchmark.quality_budget(12.0, str(corpus), train_args=shape, log=lines.append)
     assert quality.name == "quality_0.2m" and quality.unit == "bits/char"
     assert quality.reference == 2.71 and quality.ratio == pytest.approx(2.71 / quality.ours)
-    assert 3.0 < quality.ours < 12.0  # a 1-layer model after seconds: far from good, far from uniform (15.6)
+    assert 2.0 < quality.ours < 12.0  # a 1-layer model after seconds: far from good, far from uniform (15.6)
     assert "steps (anchors: char-level CPU 2.71" in quality.note and "ROMEO:" in quality.note
     assert wall.name == "budget_wall_0.2m" and wall.reference == 12.0 and wall.ours > 12.0 * 0.5
     # transformers, on the registered model's Hugging Face export, computes the run's best held-out figure: the

@@ -368,8 +368,9 @@ def start_tiny_run(walk: Walk) -> None:
     expect(by_testid(page, "stMetric").filter(has_text="Time per step")).to_be_visible()
     walk.settle()
     choose(page, "Preset", "tiny")
-    # The shape fields follow the preset: tiny's context is 128 tokens.
-    expect(page.get_by_label("Block size T (tokens per sequence)", exact=True)).to_have_attribute("max", "128")
+    # The form follows the preset: tiny has the reference's defaults, so no time budget.
+    expect(page.get_by_label("Time budget", exact=True)).to_have_value("")
+    expect(page.get_by_label("Block size T (tokens per sequence)", exact=True)).to_have_count(1)
     for label, value in RUN_NUMBERS.items():
         set_number(page, label, value)
     set_text(page, "Run name (optional)", "browser-run")
