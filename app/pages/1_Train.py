@@ -111,21 +111,52 @@ def duration(seconds: float | None) -> str:
 
 st.subheader("Start a training run")
 source = os.environ.get("SHAKESPEARE_SOURCE") or TINY_SHAKESPEARE_URL
-# The preset sits outside the form: the shape fields' limits and defaults follow it at once. Inside the form every
-# default is fixed per preset (keyed by it), so a field never resets itself when another one changes.
+
+
+def form_defaults(preset: str) -> dict[str, object]:
+    """The form's starting values for ``preset``: its recipe where it has one, else the trainer's (the reference's)."""
+    base = ModelConfig.from_preset(preset)
+    recipe = recipe_defaults(preset)
+    defaults = TrainConfig(**{k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__})
+    block = recipe.get("block_size", min(base.block_size, 128))
+    return {
+        "form-block": int(block),
+        "form-batch": int(recipe.get("batch_size", max(1, 2048 // block))),
+        "form-budget": "10m" if recipe else "",
+        "form-steps": int(defaults.max_steps),
+        "form-target": float(defaults.target_loss),
+        "form-lr": float(defaults.lr),
+        "form-wd": float(defaults.weight_decay),
+        "form-clip": float(defaults.grad_clip),
+        "form-eval": int(defaults.eval_interval),
+        "form-sample": int(defaults.sample_interval),
+        "form-seed": int(defaults.seed),
+    }
+
+
+def apply_preset_defaults() -> None:
+    """Choosing a preset resets the fields it has defaults for. The widgets keep one key each (their identity), so the
+    browser swaps values in place rather than drawing a second field while the old one is still on screen."""
+    st.session_state.update(form_defaults(st.session_state["form-preset"]))
+
+
+# The preset sits outside the form: the shape fields' limits and defaults follow it at once. The form's fields are set
+# only when the preset changes, so a field never resets itself when another one changes.
 preset = st.selectbox(
     "Preset",
     sorted(PRESETS),
     index=sorted(PRESETS).index(BUDGET_PRESET),
+    key="form-preset",
+    on_change=apply_preset_defaults,
     help=f"model shape; see the Architecture page. {BUDGET_PRESET} comes with the training recipe measured to give "
     "the best held-out text for a CPU time budget (README, Quality per CPU-minute)",
 )
+for field, value in form_defaults(preset).items():
+    st.session_state.setdefault(field, value)  # the first run, or after the page's widgets were dropped
 base = ModelConfig.from_preset(preset)
 recipe = recipe_defaults(preset)
-# The form's defaults: the preset's recipe where it has one, else the trainer's (the reference's).
-defaults = TrainConfig(**{k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__})
-default_block = recipe.get("block_size", min(base.block_size, 128))
-default_batch = recipe.get("batch_size", max(1, 2048 // default_block))
+# Every preset gets its caption: the page keeps the same element layout whichever preset is chosen, so the browser
+# replaces the form in place instead of keeping the previous preset's form on screen beside the new one.
 if recipe:
     st.caption(
         f"**{preset}**: {base.n_layer} layers × {base.n_embd} wide, its recipe's settings below "
@@ -133,19 +164,21 @@ if recipe:
         + (", one shared row for tokens the corpus never uses" if recipe.get("tie_unused_tokens") else "")
         + "). Give it a time budget and the run sizes its schedule to end on time."
     )
+else:
+    st.caption(
+        f"**{preset}**: {base.n_layer} layers × {base.n_embd} wide, the reference's training settings below "
+        "(sequential batches, stop at the target loss). A time budget is optional."
+    )
 with st.form("train"):
     shape, optimisation, tracking = st.columns(3)
     with shape:
         st.markdown(f"**Model and data** · {base.n_layer} layers × {base.n_embd} wide, context {base.block_size}")
-        block = st.number_input(
-            "Block size T (tokens per sequence)", 8, base.block_size, default_block, key=f"block-{preset}"
-        )
+        block = st.number_input("Block size T (tokens per sequence)", 8, base.block_size, key="form-block")
         batch = st.number_input(
             "Batch size B (sequences)",
             1,
             512,
-            default_batch,
-            key=f"batch-{preset}",
+            key="form-batch",
             help="the reference trains on B·T = 2,048 tokens per step",
         )
         data_source = st.text_input("Corpus (file or URL)", source)
@@ -166,33 +199,27 @@ with st.form("train"):
         st.markdown("**Optimisation and stopping**")
         time_budget = st.text_input(
             "Time budget",
-            "10m" if recipe else "",
-            key=f"budget-{preset}",
+            key="form-budget",
             placeholder="e.g. 90s, 10m, 1h; empty = none",
             help="wall-clock time for the whole run, evaluations and checkpoints included: the first steps are "
             "timed and the learning-rate schedule is sized to end inside it; Max steps becomes a cap. The run "
             "registers its best-validation checkpoint",
         )
-        max_steps = st.number_input("Max steps", 1, 1_000_000, defaults.max_steps, key=f"steps-{preset}")
-        target_loss = st.number_input(
-            "Target avg loss (0 = off)", 0.0, 20.0, defaults.target_loss, format="%.3f", key=f"target-{preset}"
-        )
-        lr = st.number_input("Peak learning rate", 1e-6, 1.0, defaults.lr, format="%.1e", key=f"lr-{preset}")
-        weight_decay = st.number_input("Weight decay", 0.0, 1.0, defaults.weight_decay, key=f"wd-{preset}")
-        grad_clip = st.number_input("Gradient clip (0 = off)", 0.0, 100.0, defaults.grad_clip, key=f"clip-{preset}")
+        max_steps = st.number_input("Max steps", 1, 1_000_000, key="form-steps")
+        target_loss = st.number_input("Target avg loss (0 = off)", 0.0, 20.0, format="%.3f", key="form-target")
+        lr = st.number_input("Peak learning rate", 1e-6, 1.0, format="%.1e", key="form-lr")
+        weight_decay = st.number_input("Weight decay", 0.0, 1.0, key="form-wd")
+        grad_clip = st.number_input("Gradient clip (0 = off)", 0.0, 100.0, key="form-clip")
         eval_interval = st.number_input(
             "Eval interval (steps, 0 = end only)",
             0,
             1_000_000,
-            defaults.eval_interval,
-            key=f"eval-{preset}",
+            key="form-eval",
             help="with a time budget any value above 0 means 10 evaluations spread over the run",
         )
-        sample_interval = st.number_input(
-            "Sample interval (steps)", 0, 1_000_000, defaults.sample_interval, key=f"sample-{preset}"
-        )
+        sample_interval = st.number_input("Sample interval (steps)", 0, 1_000_000, key="form-sample")
         patience = st.number_input("Patience (evals, 0 = off)", 0, 1000, 0)
-        seed = st.number_input("Seed", 0, 2**31 - 1, defaults.seed)
+        seed = st.number_input("Seed", 0, 2**31 - 1, key="form-seed")
     with tracking:
         st.markdown("**Tracking**")
         experiment = st.text_input("Experiment", DEFAULT_EXPERIMENT)
