@@ -503,7 +503,8 @@ def plan_sweep(
     """Check a new sweep: the space against the configs (:func:`check_space`), that the metric gets logged, that a
     local corpus exists and that no study of that name exists in ``storage`` (default: :func:`default_storage` of
     the tracking store). Raises :class:`UsageError` (one line); creates nothing."""
-    from core.data import is_url
+    from core.data import is_url, prepare_corpus
+    from core.tokenizer import get_tokenizer
 
     if train.eval_interval == 0:
         raise UsageError(
@@ -511,6 +512,9 @@ def plan_sweep(
         )
     if not is_url(data.source) and not Path(data.source).is_file():
         raise UsageError(f"corpus file not found: {data.source}")
+    # Prepared (downloaded and tokenised, cached) before anything is created: a corpus every trial would fail on
+    # stops the sweep here, with the corpus's own message, instead of leaving a study of failed trials.
+    prepare_corpus(data, get_tokenizer())
     shaped = [spec.text for spec in settings.space if set(spec.targets) & _SHAPE_FIELDS]
     if train.init_from is not None and shaped:
         raise UsageError(f"--param {shaped[0]}: with --init-from the model's shape comes from the checkpoint")

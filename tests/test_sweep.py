@@ -225,6 +225,14 @@ def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(argv, message, sto
     assert not store.exists()  # no MLflow store, no study file
 
 
+def test_a_corpus_every_trial_would_fail_on_stops_the_sweep_before_it_starts(store, capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, out, err = sweep_cli(["--trials", "2", "--param", "lr=choice:1e-3", "--data", str(empty)], capsys)
+    assert code == 2 and out == "" and "is empty or only whitespace" in err and len(err.strip().splitlines()) == 1
+    assert not store.exists()
+
+
 def test_a_taken_name_and_resume_conflicts_are_refused(store, capsys, shakespeare_path):
     import optuna
 
