@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from core.callbacks import Callback
 from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
-from core.trainer import Callback, Trainer
+from core.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,7 @@ def training(
     with the same AdamW settings and clipping, from identical weights on identical batches. Steps alternate
     between the two; medians of ``steps`` timed steps after ``warmup`` untimed ones. ``config`` and ``shape``
     replace the preset's shape and (B, T) (for tests)."""
-    from core.trainer import build_optimizer, build_scheduler
+    from core.optim import build_optimizer, build_scheduler
 
     config = config or TRAIN_CONFIGS[preset]
     B, T = shape
@@ -538,7 +539,8 @@ def quantization(
     one warm-up each, then ``repeats`` alternating runs, medians), and ``val_loss_int8``, its mean loss on the
     first ``eval_batches`` sequential batches of ``val_tokens`` against fp32's (ratio = fp32 / int8, so just
     below 1 means a small loss increase; the note gives the change)."""
-    from core.quantize import mean_loss, quantize_int8
+    from core.evaluation import mean_loss
+    from core.quantize import quantize_int8
     from core.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()

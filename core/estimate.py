@@ -33,7 +33,7 @@ from core.device import resolve_device
 from core.model import GPT
 
 # The trainer's own optimizer and autocast, so a measured step is the step training will run.
-from core.trainer import _autocast, build_optimizer
+from core.optim import autocast_for, build_optimizer
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def measure_step(
             x = torch.randint(model_config.vocab_size, shape, device=target)
             y = torch.randint(model_config.vocab_size, shape, device=target)
             begun = time.perf_counter()
-            with _autocast(target):
+            with autocast_for(target):
                 _, loss = model(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

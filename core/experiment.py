@@ -39,6 +39,7 @@ from pathlib import Path
 from mlflow.entities import RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from core.callbacks import Callback, TrainResult
 from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_training_state
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.distributed import SINGLE, DistContext, broadcast_text, watch_launcher
@@ -46,7 +47,7 @@ from core.errors import UsageError
 from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, sqlite_path
 from core.store import tracking_uri as current_tracking_uri
 from core.tracking import MlflowLogger, log_params, parse_samples, process_tags, run_tags
-from core.trainer import Callback, Trainer, TrainResult
+from core.trainer import Trainer
 
 CHECKPOINT_DIR_TAG = "checkpoint_dir"
 """Run tag holding the run's checkpoint folder, so a resume finds it without being told the checkpoint root."""

@@ -88,9 +88,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 
+from core.callbacks import Callback, TrainResult
 from core.errors import StudioError, UsageError
 from core.store import DEFAULT_STORE_DIR, REPO_ROOT, sqlite_path
-from core.trainer import Callback, TrainResult
 
 if TYPE_CHECKING:
     from core.experiment import TrainingOutcome

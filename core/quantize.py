@@ -12,11 +12,9 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from core.data import epoch_batches
 from core.errors import UsageError
 from core.model import GPT
 
@@ -77,24 +75,3 @@ def quantize_int8(model: GPT) -> GPT:
     for parameter in quantized.parameters():
         parameter.requires_grad_(False)
     return quantized
-
-
-@torch.no_grad()
-def mean_loss(model: GPT, tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int) -> float:
-    """Mean cross-entropy per token of ``model`` over the first ``max_batches`` sequential (batch_size, block_size)
-    batches of ``tokens`` (a validation split). Raises ValueError when ``tokens`` holds less than one batch."""
-    if len(tokens) <= batch_size * block_size:
-        raise ValueError(f"{len(tokens)} tokens are fewer than one batch of {batch_size} × {block_size} + 1")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i, (x, y) in enumerate(epoch_batches(tokens, batch_size, block_size)):
-            if i >= max_batches:
-                break
-            _, loss = model(x, y)
-            total += loss.item() * y.numel()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    return total / count

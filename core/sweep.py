@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.callbacks import Callback
 from core.config import _NAME, DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.errors import UsageError
 from core.store import DEFAULT_STORE_DIR, sqlite_path
-from core.trainer import Callback
 
 if TYPE_CHECKING:
     import optuna

@@ -29,12 +29,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.callbacks import Callback
 from core.config import TrainConfig
 from core.errors import UsageError
 from core.jobs import SWEEP_FILE, JobError, JobProgressRecorder, JobRecorder, _write_json
 from core.store import REPO_ROOT
 from core.sweep import SweepObserver, SweepOutcome, SweepStatus
-from core.trainer import Callback
 
 CHECK_TIMEOUT_S = 180.0
 """How long :func:`validate_sweep_args` waits for the sweep CLI's check (it imports torch and MLflow: seconds)."""

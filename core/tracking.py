@@ -27,8 +27,8 @@ import psutil
 import torch
 from mlflow.entities import Metric, Param, RunTag
 
+from core.callbacks import Callback, TrainResult
 from core.store import REPO_ROOT
-from core.trainer import Callback, TrainResult
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100

@@ -21,170 +21,42 @@ its running state, in safetensors + JSON. A new trainer with the same configs th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.budget import PROBE_STEPS, BudgetPlanner, BudgetSchedule, Overheads, periodic_due
+from core.callbacks import Callback, TrainResult
 from core.checkpoint import (
-    TIED_KEY,
-    TRAINING_STATE_FILE,
-    CheckpointError,
-    load_resumable_checkpoint,
     save_checkpoint,
-    save_resumable_checkpoint,
 )
 from core.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from core.data import PreparedCorpus, TokenBatches, epoch_batches, prepare_corpus
 from core.device import cpp_compiler, peak_flops, resolve_device
 from core.distributed import SINGLE, DistContext, all_reduce_sum
 from core.errors import UsageError
+from core.estimate import training_flops_per_token
+from core.evaluation import bits_per_char, mean_loss
 from core.hf import load_hf_state_dict
 from core.memorization import index_for
 from core.memory import TRAINING_OOM_HINT, friendly_oom
 from core.model import GPT, SharedRows, parameter_breakdown
+from core.optim import (
+    SharedRowsTraining,
+    autocast_for,
+    build_optimizer,
+    build_scheduler,
+    enable_tf32,
+    training_module,
+)
 from core.sampling import generate
 from core.tokenizer import Tokenizer, get_tokenizer
-
-
-class Callback:
-    """Receives the trainer's reports. Every hook is optional; the base class does nothing."""
-
-    def on_train_start(self, summary: dict) -> None:
-        """Once, before the first step: model size, data and device facts (see :meth:`Trainer.summary`)."""
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        """After every optimizer step (1-based)."""
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """After every evaluation: ``val_loss`` and ``val_bpc``, and the lowest of each so far, ``best_val_loss``
-        and ``best_val_bpc``."""
-
-    def on_sample(self, step: int, text: str) -> None:
-        """After every periodic sample and the final one."""
-
-    def on_sample_report(self, step: int, metrics: dict[str, float]) -> None:
-        """Just before each ``on_sample``: how much of that sample's continuation is copied from the training split,
-        ``sample_copied_share`` (absent when it has fewer than 8 tokens) and ``sample_longest_copy_chars`` (see
-        :class:`core.memorization.CopyReport`)."""
-
-    def before_checkpoint(self, step: int) -> None:
-        """Just before a resumable checkpoint of ``step`` is written: make everything reported so far durable (a
-        run resumed from that checkpoint repeats no step up to ``step``, so anything reported and then lost would
-        leave a gap)."""
-
-    def on_train_end(self, result: TrainResult) -> None:
-        """Once, after the final checkpoint is written (also when training was stopped early)."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) training produced."""
-
-    steps: int
-    """Optimizer steps taken."""
-    stop_reason: str
-    """``target_loss``, ``max_steps``, ``patience``, ``time_budget`` or ``stopped: <why>`` (a stop request such as a
-    signal)."""
-    final_loss: float
-    """Training loss of the last step."""
-    avg_loss: float
-    """Running-average training loss at the end."""
-    best_val_loss: float | None
-    """Lowest validation loss seen (None without evaluation)."""
-    best_val_step: int | None
-    """Step of the lowest validation loss."""
-    final_checkpoint: Path
-    """Checkpoint of the last weights."""
-    best_checkpoint: Path | None
-    """Checkpoint of the best-validation weights (None without evaluation)."""
-    seconds: float
-    """Wall time of the loop."""
-    last_eval: dict[str, float] = field(default_factory=dict)
-    """Metrics of the final evaluation."""
-    planned_steps: int | None = None
-    """A time-budget run's final plan of steps (None without a budget)."""
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast pays on CUDA only; on CPUs without bf16 units it is hundreds of times slower than fp32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def enable_tf32(device: torch.device) -> None:
-    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores; elsewhere do nothing.
-
-    Most of a step already runs in bf16 under autocast; the fp32 matmuls that remain (outside autocast, or kept in
-    fp32 by it) get several times faster for a precision loss training does not notice. The switches are global to
-    the process, which is why this runs only for a CUDA trainer.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def training_module(model: GPT, compile: bool) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """What training steps call: ``torch.compile(model)`` when ``compile`` is set, else ``model`` itself.
-
-    The compiled wrapper shares ``model``'s parameters (it holds the module, not a copy), so the optimizer, the
-    checkpoints and evaluation keep working on ``model``. Compilation happens lazily, on the first step.
-    """
-    return torch.compile(model) if compile else model
-
-
-def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (matmuls and embeddings), none on biases and LayerNorms."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        # The fused kernel exists for CUDA and CPU: one pass over all parameters instead of a loop of small ops
-        # per tensor (on the CPU, 11 ms instead of 100 ms a step for the small preset).
-        fused=device.type in ("cuda", "cpu"),
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig
-) -> torch.optim.lr_scheduler.OneCycleLR | torch.optim.lr_scheduler.LambdaLR:
-    """OneCycle: warm up to ``lr`` over ``warmup_fraction`` of ``max_steps``, then cosine-anneal down. With a time
-    budget, the same shape over a number of steps planned during the run (:class:`core.budget.BudgetSchedule`)."""
-    if config.time_budget is not None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, BudgetSchedule(config.div_factor, config.final_div_factor))
-    total_steps = config.max_steps + 1  # the schedule is stepped after every step, including the last
-    pct_start = config.warmup_fraction
-    if math.isclose(pct_start * total_steps, 1.0):
-        # OneCycleLR divides by the warm-up's length in steps, pct_start · total_steps - 1, which is zero here
-        # (e.g. 10% of --max-steps 9): make the warm-up half a step longer.
-        pct_start = 1.5 / total_steps
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.lr,
-        total_steps=total_steps,
-        pct_start=pct_start,
-        div_factor=config.div_factor,
-        final_div_factor=config.final_div_factor,
-        anneal_strategy="cos",
-        cycle_momentum=False,  # keep AdamW's betas fixed
-    )
+from core.train_state import LoopState, load_training_state, save_training_state
 
 
 class Trainer:
@@ -228,9 +100,6 @@ class Trainer:
         self.tokenizer = tokenizer or get_tokenizer()
         self.corpus = corpus or prepare_corpus(data_config, self.tokenizer)
         enable_tf32(self.device)
-        # Imported here: core.estimate imports this module (for the optimizer it times), so a top-level import loops.
-        from core.estimate import training_flops_per_token
-
         # MFU's numerator per token (at the trained sequence length) and its denominator, fixed for the whole run;
         # without a known peak (CPU, MPS, an unlisted GPU, and no peak_tflops) no step reports ``mfu``.
         self.flops_per_token = training_flops_per_token(model_config, data_config.block_size)
@@ -249,12 +118,12 @@ class Trainer:
             used = torch.from_numpy(self.corpus.tokens("train").astype(np.int64))
             self.shared_rows = SharedRows(used, model_config.vocab_size, device=self.device)
             # The optimizer trains a compact copy of the K + 1 rows that matter: no (V, C) gradient to fill, clip and
-            # step every time. The full weight is written from it whenever the model is used whole (_full_model).
+            # step every time. The full weight is written from it whenever the model is used whole (full_model).
             wte = self.model.transformer.wte.weight
             self.shared_rows.tie_unused_rows(wte)
             self.token_rows = torch.nn.Parameter(wte.detach()[self.shared_rows.rows].clone())
             wte.requires_grad_(False)
-            step_module = _SharedRowsTraining(self.model, self.token_rows, self.shared_rows)
+            step_module = SharedRowsTraining(self.model, self.token_rows, self.shared_rows)
         self._ddp = None
         if dist.enabled:
             # Every rank built the same weights from the same seed (DDP also broadcasts rank 0's on wrapping); from
@@ -283,7 +152,7 @@ class Trainer:
         )
         self._val_tokens = self.corpus.tokens("val")
         self._stop_reason: str | None = None
-        self._loop = _LoopState(window=deque(maxlen=train_config.avg_window))
+        self._loop = LoopState(window=deque(maxlen=train_config.avg_window))
         self._saved_step: int | None = None  # step of the latest resumable checkpoint
         self.clock: Callable[[], float] = time.perf_counter
         """Seconds on a monotonic clock: what steps are timed and a time budget is spent by."""
@@ -329,37 +198,32 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(*args)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss per token and bits per character (loss × val tokens / val characters / ln 2)."""
-        self.model.eval()
-        total, count = 0.0, 0
         B, T = self.data_config.batch_size, self.data_config.block_size
-        if len(self._val_tokens) <= B * T:
-            B = max(1, (len(self._val_tokens) - 1) // T)  # a short validation split still gets evaluated
         if len(self._val_tokens) <= T:
             raise UsageError(f"the validation split has {len(self._val_tokens)} tokens, fewer than one block of {T}")
-        for i, (x, y) in enumerate(epoch_batches(self._val_tokens, B, T)):
-            if self.config.eval_batches is not None and i >= self.config.eval_batches:
-                break
-            if i % self.dist.world_size != self.dist.rank:
-                continue  # in a torchrun job each process evaluates its share of the batches
-            with friendly_oom(TRAINING_OOM_HINT), _autocast(self.device):
-                # With tied unused rows the shared-row loss is the full model's, for a fraction of the head's work.
-                _, loss = self.model(
-                    x.to(self.device), y.to(self.device), shared_rows=self.shared_rows, token_rows=self.token_rows
-                )
-            total += loss.item() * y.numel()
-            count += y.numel()
-        self.model.train()
-        total, count = all_reduce_sum([total, count], self.dist)
-        val_loss = total / count
+        if len(self._val_tokens) <= B * T:
+            B = max(1, (len(self._val_tokens) - 1) // T)  # a short validation split still gets evaluated
+        # With tied unused rows the shared-row loss is the full model's, for a fraction of the head's work.
+        with friendly_oom(TRAINING_OOM_HINT):
+            val_loss = mean_loss(
+                self.model,
+                self._val_tokens,
+                B,
+                T,
+                max_batches=self.config.eval_batches,
+                device=self.device,
+                dist=self.dist,
+                shared_rows=self.shared_rows,
+                token_rows=self.token_rows,
+            )
         return {"val_loss": val_loss, "val_bpc": val_loss * self._bits_per_char_per_nat()}
 
     def _bits_per_char_per_nat(self) -> float:
         """Bits per character of the validation split per nat of mean validation loss per token."""
         meta = self.corpus.meta
-        return meta["val_tokens"] / meta["val_characters"] / math.log(2)
+        return bits_per_char(1.0, meta["val_tokens"], meta["val_characters"])
 
     def sample(self, step: int) -> str:
         """One sample from the current weights, seeded by the step so it is reproducible.
@@ -369,7 +233,7 @@ class Trainer:
         cache (:func:`core.memorization.index_for`).
         """
         config = SampleConfig(max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=200, seed=step)
-        generation = generate(self._full_model(), self.tokenizer, self.config.sample_prompt, config)
+        generation = generate(self.full_model(), self.tokenizer, self.config.sample_prompt, config)
         report = index_for(self.corpus).report_text(generation.continuations[0], self.tokenizer)
         self._emit("on_sample_report", step, report.metrics())
         return generation.samples[0]
@@ -426,7 +290,7 @@ class Trainer:
             if run.last_eval["val_loss"] < run.best_val:
                 run.best_val, run.best_val_step, run.evals_without_improvement = run.last_eval["val_loss"], at_step, 0
                 if main:  # only rank 0 writes the best weights; the other ranks need not keep a copy
-                    run.best_state = {k: v.detach().clone() for k, v in self._full_model().state_dict().items()}
+                    run.best_state = {k: v.detach().clone() for k, v in self.full_model().state_dict().items()}
             else:
                 run.evals_without_improvement += 1
             # The best so far travels with every evaluation: a run's latest value of it is its best.
@@ -534,7 +398,7 @@ class Trainer:
         metadata = {"step": step, "stop_reason": stop_reason, **run.last_eval}
         final_checkpoint = out_dir / "final"
         if main:
-            final_checkpoint = save_checkpoint(self._full_model(), final_checkpoint, metadata)
+            final_checkpoint = save_checkpoint(self.full_model(), final_checkpoint, metadata)
         best_checkpoint = None if run.best_val_step is None else out_dir / "best"
         if main and run.best_state is not None:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -582,7 +446,7 @@ class Trainer:
             batches = min(batches, cfg.eval_batches)
         x, y = next(epoch_batches(self._val_tokens, max(1, min(B, (len(self._val_tokens) - 1) // T)), T))
         x, y = x.to(self.device), y.to(self.device)
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), autocast_for(self.device):
             for _ in range(2):  # the second call is the one timed: the first allocates
                 started = self.clock()
                 self.model(x, y, shared_rows=self.shared_rows, token_rows=self.token_rows)
@@ -602,7 +466,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
             with sync:
-                with _autocast(self.device):
+                with autocast_for(self.device):
                     # [1]: only the loss; the logits the plain route returns are not kept alive through the step
                     if self.shared_rows is not None:
                         loss = self._train_step_model(x, y)[1]
@@ -628,14 +492,7 @@ class Trainer:
 
     # -- resumable checkpoints ------------------------------------------------------------------------------------
 
-    def _parameter_names(self) -> dict[int, str]:
-        # named_parameters() lists the tied LM head once, as transformer.wte.weight, as the checkpoints store it.
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        if self.token_rows is not None:  # what the optimizer trains in place of the embedding: its compact rows
-            names[id(self.token_rows)] = "transformer.wte.weight"
-        return names
-
-    def _full_model(self) -> GPT:
+    def full_model(self) -> GPT:
         """The model with every weight current: with compact token rows, the full embedding is written from them
         first (evaluation, samples and checkpoints use the whole GPT-2)."""
         if self.token_rows is not None:
@@ -643,286 +500,17 @@ class Trainer:
         return self.model
 
     def save_training_state(self, out_dir: str | Path) -> Path:
-        """Write a resumable checkpoint of the current step to ``out_dir/resume`` (see
-        :func:`core.checkpoint.save_resumable_checkpoint`), keeping the newest ``keep_checkpoints``; returns it."""
-        run = self._loop
-        names = self._parameter_names()
-        optimizer_tensors: dict[str, torch.Tensor] = {}
-        optimizer_values: dict[str, dict] = {}
-        for parameter, values in self.optimizer.state.items():
-            for key, value in values.items():
-                if torch.is_tensor(value):
-                    optimizer_tensors[f"{key}/{names[id(parameter)]}"] = value
-                else:
-                    optimizer_values.setdefault(names[id(parameter)], {})[key] = value
-        groups = [
-            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
-            for group in self.optimizer.param_groups
-        ]
-        rng = {"torch": torch.get_rng_state(), "batches": self.batches.generator.get_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        np_kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-        rng["numpy"] = torch.from_numpy(np_key.astype(np.int64))  # int64 holds any uint32, in every torch version
-        tensors = {"optimizer": optimizer_tensors, "rng": rng}
-        if run.best_state is not None:
-            tensors["best"] = {k: v for k, v in run.best_state.items() if k != TIED_KEY}
-        state = {
-            "config": {
-                "model": self.model_config.to_dict(),
-                "data": dataclasses.asdict(self.data_config),
-                "train": self.config.to_dict(),
-            },
-            "dataset_sha256": self.corpus.meta["sha256"],
-            "world_size": self.dist.world_size,
-            "optimizer": {"param_groups": groups, "values": optimizer_values},
-            "scheduler": self.scheduler.state_dict(),
-            "batches": {"position": self.batches.position},
-            "rng": {
-                "numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": np_gauss},
-                "python": _python_rng_state(),
-            },
-            "trainer": {
-                "window": list(run.window),
-                "best_loss": _finite_or_none(run.best_loss),
-                "best_val": _finite_or_none(run.best_val),
-                "best_val_step": run.best_val_step,
-                "evals_without_improvement": run.evals_without_improvement,
-                "last_eval": run.last_eval,
-                "last_eval_step": run.last_eval_step,
-                "loss_value": _finite_or_none(run.loss_value),
-                "budget_used": run.budget_used,
-                "last_sample_step": run.last_sample_step,
-                "last_event_step": run.last_event_step,
-                "budget_rounds": run.budget_rounds,
-            },
-        }
-        directory = save_resumable_checkpoint(
-            self._full_model(), out_dir, run.step, state, tensors, keep=self.config.keep_checkpoints
-        )
-        self._saved_step = run.step
+        """Write a resumable checkpoint of the current step to ``out_dir/resume``, keeping the newest
+        ``keep_checkpoints``; returns it (:func:`core.train_state.save_training_state`)."""
+        directory = save_training_state(self, out_dir)
+        self._saved_step = self._loop.step
         return directory
 
     def load_training_state(self, directory: str | Path) -> int:
-        """Continue from the resumable checkpoint ``directory``: weights, optimizer, schedule, batch position, RNGs
-        and the loop's running state (loss window, best losses, patience count, last evaluation); returns its step.
-
-        The checkpoint must come from a training with the same model, data and training configs and the same
-        corpus content; anything else, or a missing, corrupt or inconsistent file, raises :class:`CheckpointError`
-        and leaves the trainer as it was.
-        """
-        checkpoint = load_resumable_checkpoint(directory)
-        state, tensors = checkpoint.state, checkpoint.tensors
-        try:
-            restore = self._restorer(checkpoint.directory, state, tensors)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            # A well-formed file with a field missing or of the wrong type: the checkpoint, not the caller, is wrong.
-            path = checkpoint.directory / TRAINING_STATE_FILE
-            raise CheckpointError(f"{path} is incomplete or corrupt ({exc!r})") from exc
-        self.model.load_state_dict(checkpoint.model.state_dict())
-        if self.token_rows is not None:
-            with torch.no_grad():
-                self.token_rows.copy_(self.model.transformer.wte.weight[self.shared_rows.rows])
-        restore()
-        return checkpoint.step
-
-    def _restorer(self, directory: Path, state: dict, tensors: dict[str, dict[str, torch.Tensor]]):
-        """Check everything in a read checkpoint against this trainer and return the function that applies it
-        (which cannot fail half-way on a bad checkpoint)."""
-        configs = state["config"]
-        for what, mine in (("model", self.model_config), ("data", self.data_config), ("train", self.config)):
-            # A field added since the checkpoint was written counts at its default (what that training used).
-            saved = {**_field_defaults(type(mine)), **configs[what]}
-            current = dataclasses.asdict(mine)
-            for key in sorted(set(saved) | set(current)):
-                if saved.get(key, "<unset>") != current.get(key, "<unset>"):
-                    raise CheckpointError(
-                        f"{directory} comes from a training with another {what} config: {key} is "
-                        f"{saved.get(key, '<unset>')!r} there, {current.get(key, '<unset>')!r} here"
-                    )
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            # Each process's shard of the batches depends on the number of processes.
-            raise CheckpointError(
-                f"{directory} comes from a training with {saved_world} process(es); resume it with "
-                f"{saved_world} (torchrun --nproc_per_node={saved_world}), not {self.dist.world_size}"
-            )
-        if state["dataset_sha256"] != self.corpus.meta["sha256"]:
-            raise CheckpointError(
-                f"{directory} was trained on other data (sha256 {state['dataset_sha256'][:12]}…); "
-                f"{self.data_config.source} now has sha256 {self.corpus.meta['sha256'][:12]}…"
-            )
-        optimizer_state = self._optimizer_state_dict(directory, state["optimizer"], tensors["optimizer"])
-        scheduler_state = dict(state["scheduler"])
-        position = int(state["batches"]["position"])
-        if not 0 <= position < len(self.batches.tokens):
-            raise CheckpointError(f"{directory}: batch position {position} is outside the corpus")
-        rng = tensors["rng"]
-        numpy_state = state["rng"]["numpy"]
-        numpy_rng = (
-            numpy_state["kind"],
-            rng["numpy"].numpy().astype(np.uint32),
-            int(numpy_state["pos"]),
-            int(numpy_state["has_gauss"]),
-            float(numpy_state["gauss"]),
-        )
-        python_rng = _python_rng_from_json(state["rng"]["python"])
-        trainer = state["trainer"]
-        model_keys = {k: v.shape for k, v in self.model.state_dict().items() if k != TIED_KEY}
-        best = tensors.get("best")
-        if best is not None and {k: v.shape for k, v in best.items()} != model_keys:
-            raise CheckpointError(f"{directory}: best.safetensors does not match the model")
-        if (best is None) != (trainer["best_val_step"] is None):
-            raise CheckpointError(f"{directory}: best.safetensors and the best validation step disagree")
-        loop = _LoopState(
-            step=int(state["step"]),
-            window=deque((float(v) for v in trainer["window"]), maxlen=self.config.avg_window),
-            best_loss=_none_to_inf(trainer["best_loss"]),
-            best_val=_none_to_inf(trainer["best_val"]),
-            best_val_step=trainer["best_val_step"],
-            best_state=None,
-            evals_without_improvement=int(trainer["evals_without_improvement"]),
-            last_eval={k: float(v) for k, v in trainer["last_eval"].items()},
-            last_eval_step=int(trainer["last_eval_step"]),
-            loss_value=math.nan if trainer["loss_value"] is None else float(trainer["loss_value"]),
-            # Absent from checkpoints written before time budgets existed: nothing was spent then.
-            budget_used=float(trainer.get("budget_used", 0.0)),
-            last_sample_step=int(trainer.get("last_sample_step", 0)),
-            last_event_step=int(trainer.get("last_event_step", 0)),
-            budget_rounds=int(trainer.get("budget_rounds", 0)),
-        )
-        if best is not None:
-            loop.best_state = {k: v.to(self.device) for k, v in best.items()}
-            loop.best_state[TIED_KEY] = loop.best_state["transformer.wte.weight"]
-        cuda_states = [rng[f"cuda/{i}"] for i in range(len([k for k in rng if k.startswith("cuda/")]))]
-
-        def apply() -> None:
-            self.optimizer.load_state_dict(optimizer_state)
-            self.scheduler.load_state_dict(scheduler_state)
-            self.batches.load_state_dict({"position": position, "rng": rng["batches"]})
-            torch.set_rng_state(rng["torch"])
-            if cuda_states and self.device.type == "cuda":
-                # Same number of GPUs as when saved, or as many as both have: only the trainer's device matters.
-                count = min(len(cuda_states), torch.cuda.device_count())
-                torch.cuda.set_rng_state_all(cuda_states[:count])
-            np.random.set_state(numpy_rng)
-            random.setstate(python_rng)
-            self._loop = loop
-            self._saved_step = loop.step
-
-        return apply
-
-    def _optimizer_state_dict(self, directory: Path, saved: dict, tensors: dict[str, torch.Tensor]) -> dict:
-        """The ``optimizer.load_state_dict`` argument for the saved AdamW state, after checking it fits the model."""
-        names = self._parameter_names()
-        groups = saved["param_groups"]
-        if [g["params"] for g in groups] != [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]:
-            raise CheckpointError(f"{directory}: the optimizer state is for other parameters than the model's")
-        values = saved["values"]
-        unused = set(tensors)
-        state: dict[int, dict] = {}
-        param_groups = []
-        index = 0
-        for current, group in zip(self.optimizer.param_groups, groups, strict=True):
-            indices = []
-            for parameter in current["params"]:
-                name = names[id(parameter)]
-                entry = {key.split("/", 1)[0]: tensors[key] for key in tensors if key.split("/", 1)[1] == name}
-                unused -= {f"{key}/{name}" for key in entry}
-                for key, tensor in entry.items():
-                    if key != "step" and tensor.shape != parameter.shape:
-                        raise CheckpointError(f"{directory}: optimizer {key} of {name} has the wrong shape")
-                entry.update(values.get(name, {}))
-                if entry:
-                    state[index] = entry
-                indices.append(index)
-                index += 1
-            # The hyperparameters come from the checkpoint (the schedule moved lr); how AdamW runs (fused on CUDA,
-            # foreach) stays this trainer's, which may be on another device.
-            hyper = {k: v for k, v in group.items() if k != "params" and k not in _OPTIMIZER_IMPLEMENTATION}
-            if "betas" in hyper:
-                hyper["betas"] = tuple(hyper["betas"])
-            kept = {k: v for k, v in current.items() if k != "params"}
-            param_groups.append({**kept, **hyper, "params": indices})
-        if unused:
-            raise CheckpointError(f"{directory}: optimizer state for unknown parameters: {sorted(unused)[:3]}")
-        if len({frozenset(entry) for entry in state.values()}) > 1:
-            raise CheckpointError(f"{directory}: the optimizer state is incomplete")
-        return {"state": state, "param_groups": param_groups}
-
-
-class _SharedRowsTraining(torch.nn.Module):
-    """What training steps call with tied unused tokens: the GPT with its compact token rows (see
-    :class:`core.model.SharedRows`). A module of its own so that DDP and ``torch.compile`` see the rows as a
-    parameter; the GPT's full embedding weight is frozen meanwhile and written from the rows when it is needed."""
-
-    def __init__(self, model: GPT, token_rows: torch.nn.Parameter, shared_rows: SharedRows) -> None:
-        super().__init__()
-        self.model = model
-        self.token_rows = token_rows
-        self.shared_rows = shared_rows
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return self.model(idx, targets, shared_rows=self.shared_rows, token_rows=self.token_rows)
-
-
-_OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
-"""AdamW group settings that choose an implementation, not the mathematics: a resumed trainer keeps its own."""
-
-
-@dataclass
-class _LoopState:
-    """The running state of :meth:`Trainer.fit` that a resumed training needs besides the model, optimizer,
-    schedule, batch position and RNGs."""
-
-    window: deque
-    """The last ``avg_window`` step losses (``avg_loss`` is their mean)."""
-    step: int = 0
-    """Optimizer steps taken."""
-    best_loss: float = math.inf
-    """Lowest single-step loss so far."""
-    best_val: float = math.inf
-    """Lowest validation loss so far."""
-    best_val_step: int | None = None
-    """Step of ``best_val`` (None before the first evaluation)."""
-    best_state: dict[str, torch.Tensor] | None = None
-    """The weights at ``best_val_step``."""
-    evals_without_improvement: int = 0
-    """Evaluations since the last new best validation loss (for ``patience``)."""
-    last_eval: dict[str, float] = field(default_factory=dict)
-    """Metrics of the latest evaluation."""
-    last_eval_step: int = 0
-    """Step of the latest evaluation (0: none yet)."""
-    loss_value: float = math.nan
-    """Loss of the latest step."""
-    budget_used: float = 0.0
-    """Seconds of a time budget spent up to the latest resumable checkpoint (a resumed run spends the rest)."""
-    last_sample_step: int = 0
-    """Step of the latest periodic sample (a budget run's sampling steps move with its plan)."""
-    last_event_step: int = 0
-    """Step of a budget run's latest round of periodic work."""
-    budget_rounds: int = 0
-    """Rounds of periodic work a budget run has done."""
-
-
-def _field_defaults(config_type: type) -> dict:
-    """The default of every field of a config dataclass that has one."""
-    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no infinity or NaN: "none yet" is stored as null.
-    return value if math.isfinite(value) else None
-
-
-def _none_to_inf(value: float | None) -> float:
-    return math.inf if value is None else float(value)
-
-
-def _python_rng_state() -> dict:
-    version, internal, gauss_next = random.getstate()
-    return {"version": version, "state": list(internal), "gauss_next": gauss_next}
-
-
-def _python_rng_from_json(saved: dict) -> tuple:
-    return int(saved["version"]), tuple(int(v) for v in saved["state"]), saved["gauss_next"]
+        """Continue from the resumable checkpoint ``directory``; returns its step. A checkpoint of another training,
+        or a missing, corrupt or inconsistent one, raises :class:`CheckpointError` and changes nothing
+        (:func:`core.train_state.load_training_state`)."""
+        loop = load_training_state(self, directory)
+        self._loop = loop
+        self._saved_step = loop.step
+        return loop.step

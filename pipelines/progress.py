@@ -6,8 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from core.callbacks import Callback, TrainResult
 from core.memorization import METRIC_LONGEST, METRIC_SHARE
-from core.trainer import Callback, TrainResult
 
 
 class TerminalProgress(Callback):

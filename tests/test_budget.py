@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from core.budget import PERIODIC_EVENTS, BudgetPlanner, BudgetSchedule, Overheads, periodic_due
+from core.callbacks import Callback
 from core.config import DataConfig, ModelConfig, TrainConfig
-from core.trainer import Callback, Trainer
+from core.trainer import Trainer
 
 MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
 

@@ -99,7 +99,8 @@ import json, sys
 import torch.distributed as torch_dist
 from core.config import DataConfig, ModelConfig, TrainConfig
 from core.distributed import DistContext
-from core.trainer import Callback, Trainer
+from core.callbacks import Callback
+from core.trainer import Trainer
 
 rank, store_file, corpus, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch_dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)

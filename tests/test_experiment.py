@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from core.callbacks import Callback
 from core.checkpoint import CheckpointError
 from core.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
 from core.errors import UsageError
@@ -14,7 +15,6 @@ from core.registry import load_registered_model, resolve_model_version
 from core.sampling import generate
 from core.store import connect
 from core.tracking import parse_samples
-from core.trainer import Callback
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 STEP_METRICS = ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec")

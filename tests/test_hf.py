@@ -349,8 +349,9 @@ def train_args(hf_dir, corpus, *extra):
 
 
 def test_init_from_starts_training_from_the_hf_weights(tmp_path, small_corpus):
+    from core.callbacks import Callback
     from core.data import TokenBatches
-    from core.trainer import Callback, Trainer
+    from core.trainer import Trainer
     from pipelines.train import build_configs
 
     folder = hf_folder(tmp_path / "gpt2-tiny")

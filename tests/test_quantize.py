@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from core.config import SampleConfig
 from core.errors import UsageError
+from core.evaluation import mean_loss
 from core.model import GPT, Linear
-from core.quantize import mean_loss, quantize_int8
+from core.quantize import quantize_int8
 from core.sampling import generate
 from tests.conftest import TINY
 

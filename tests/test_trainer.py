@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from core.callbacks import Callback
 from core.config import DataConfig, ModelConfig, TrainConfig
 from core.errors import UsageError
 from core.estimate import training_flops_per_token
-from core.trainer import Callback, Trainer, build_optimizer, build_scheduler
+from core.optim import build_optimizer, build_scheduler
+from core.trainer import Trainer
 from pipelines.progress import TerminalProgress
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
@@ -246,7 +248,7 @@ def test_a_padded_vocabulary_trains_and_its_checkpoint_reloads_with_the_same_log
 @quiet_compile_import
 def test_training_module_compiles_a_wrapper_that_shares_the_parameters():
     from core.model import GPT
-    from core.trainer import training_module
+    from core.optim import training_module
 
     model = GPT(MODEL)
     assert training_module(model, compile=False) is model
@@ -298,7 +300,7 @@ def test_compiled_training_steps_give_the_same_losses_and_plain_checkpoints(smal
 
 
 def test_tf32_is_enabled_for_cuda_only():
-    from core.trainer import enable_tf32
+    from core.optim import enable_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
