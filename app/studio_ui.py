@@ -161,9 +161,9 @@ REAP_TTL_S = 30
 @st.cache_data(ttl=REAP_TTL_S, show_spinner=False)
 def reap_dead_runs(uri: str) -> list[str]:
     """End KILLED every RUNNING run of store ``uri`` whose training process on this machine is gone (a
-    ``python -m pipelines.train`` killed in a terminal: :func:`core.jobs.reap_orphan_runs`), at most once per
+    ``python -m pipelines.train`` killed in a terminal: :func:`core.reaper.reap_orphan_runs`), at most once per
     :data:`REAP_TTL_S`; the ids of the runs ended. Jobs the app started are reconciled by ``list_jobs`` itself."""
-    from core.jobs import reap_orphan_runs
+    from core.reaper import reap_orphan_runs
 
     return [reaped.run_id for reaped in reap_orphan_runs(uri)]
 

@@ -8,14 +8,17 @@ up at call time, so that a test can replace ``core.jobs.start_job``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import streamlit as st
 
 import core.jobs
+from core.config import parse_duration
 from core.errors import StudioError
-from core.sweep import DEFAULT_ALIAS, SWEEP_METRICS, parse_space
-from core.sweep_jobs import resume_args
+from core.recipes import resolve_run_configs
+from core.sweep import DEFAULT_ALIAS, SWEEP_METRICS, SweepSettings, parse_space
+from core.sweep_jobs import SweepJob, resume_spec
 
 DEFAULT_SPACE = "lr=loguniform:1e-4:3e-3\ndropout=uniform:0:0.2\nweight_decay=uniform:0:0.2"
 SPACE_HELP = (
@@ -31,9 +34,10 @@ def space_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def sweep_section(base_args: Sequence[str]) -> None:
-    """The Sweep expander: its form, and on *Start sweep* a ``python -m pipelines.sweep`` job with ``base_args``
-    (the training form's settings) as every trial's base settings. A refusal is one error line; nothing starts."""
+def sweep_section(base_choices: dict[str, Any]) -> None:
+    """The Sweep expander: its form, and on *Start sweep* a sweep job (:class:`core.sweep_jobs.SweepJob`) whose
+    trials start from ``base_choices`` (the training form's settings, resolved by
+    :func:`core.recipes.resolve_run_configs`). A refusal is one error line; nothing starts."""
     with st.expander("🔎 Sweep: search hyperparameters with Optuna"):
         st.caption(
             "Trials train one after another as one background job, each a nested MLflow run under the sweep's run, "
@@ -66,22 +70,23 @@ def sweep_section(base_args: Sequence[str]) -> None:
         return
     lines = space_lines(space)
     try:
-        parse_space(lines)  # the quick checks at once; the job's own check does the rest
-    except StudioError as exc:
-        st.error(f"The sweep was not started: {exc}", icon="⚠️")
-        return
-    name = name.strip() or time.strftime("sweep-%Y%m%d-%H%M%S")
-    args = list(base_args) + [part for line in lines for part in ("--param", line)]
-    if trials:
-        args += ["--trials", str(int(trials))]
-    if trial_budget.strip():
-        args += ["--trial-budget", trial_budget.strip()]
-    if total_budget.strip():
-        args += ["--time-budget", total_budget.strip()]
-    args += ["--metric", metric, "--pruner", pruner, "--alias", alias.strip(), "--name", name]
-    try:
+        name = name.strip() or time.strftime("sweep-%Y%m%d-%H%M%S")
+        trial_seconds = parse_duration(trial_budget) if trial_budget.strip() else None
+        total_seconds = parse_duration(total_budget) if total_budget.strip() else None
+        settings = SweepSettings(
+            name=name,
+            space=parse_space(lines),
+            metric=metric,
+            n_trials=int(trials) or None,
+            time_budget=total_seconds,
+            trial_budget=trial_seconds,
+            pruner=pruner,
+            seed=int(base_choices.get("seed") or SweepSettings.seed),
+        )
+        # As the sweep CLI does: each trial's time budget also picks the budget recipe for a preset that has one.
+        configs = resolve_run_configs({**base_choices, "time_budget": trial_seconds, "alias": alias.strip() or None})
         with st.spinner("Checking the sweep…"):
-            job = core.jobs.start_job(args, label=f"sweep {name}", kind="sweep")
+            job = core.jobs.start_job(SweepJob(settings=settings, configs=configs), label=f"sweep {name}")
     except (StudioError, ValueError, OSError) as exc:
         st.error(f"The sweep was not started: {exc}", icon="⚠️")
         return
@@ -91,7 +96,7 @@ def sweep_section(base_args: Sequence[str]) -> None:
 def resume_sweep(job_id: str) -> None:
     """Start a job that resumes the sweep of the stopped sweep job ``job_id``."""
     job = core.jobs.get_job(job_id)
-    core.jobs.start_job(resume_args(job.sweep), label=job.label, kind="sweep")
+    core.jobs.start_job(resume_spec(job.sweep), label=job.label)
 
 
 def show_sweep(job, act: Callable[[str, Callable[[str], None], str], None]) -> None:

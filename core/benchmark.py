@@ -557,8 +557,8 @@ def quantization(
         log(f"  repeat {repeat + 1}/{repeats}: int8 {int8_rates[-1]:.1f} tok/s, fp32 {fp32_rates[-1]:.1f}")
     B, T = INT8_EVAL_SHAPE[0], min(INT8_EVAL_SHAPE[1], model.config.block_size)
     eval_batches = max(1, min(eval_batches, (len(val_tokens) - 1) // (B * T)))
-    int8_loss = mean_loss(quantized, val_tokens, B, T, eval_batches)
-    fp32_loss = mean_loss(model, val_tokens, B, T, eval_batches)
+    int8_loss = mean_loss(quantized, val_tokens, B, T, max_batches=eval_batches)
+    fp32_loss = mean_loss(model, val_tokens, B, T, max_batches=eval_batches)
     change = int8_loss - fp32_loss
     log(f"  validation loss over {eval_batches} × {B} × {T} tokens: int8 {int8_loss:.4f}, fp32 {fp32_loss:.4f}")
     return [

@@ -30,18 +30,15 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.atomic import atomic_folder, restore_interrupted, write_json
 from core.config import ModelConfig
 from core.errors import StudioError
 from core.model import GPT
@@ -68,68 +65,6 @@ class CheckpointError(StudioError):
     """A checkpoint folder is missing, incomplete, corrupt, or not one this studio wrote."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def restore_interrupted_save(directory: str | Path) -> bool:
-    """Undo a save killed between its two renames (see :func:`_atomic_folder`): ``directory`` is missing and its
-    previous version, complete, sits beside it as ``.<name>.old-<pid>``. That version is put back (the newest, if
-    several) unless the process that retired it still runs: its save is under way and renames the new version in a
-    moment. Returns whether a folder was put back.
-    """
-    directory = Path(directory)
-    if directory.exists() or not directory.parent.is_dir():
-        return False
-    interrupted = []
-    for retired in directory.parent.glob(f".{directory.name}.old-*"):
-        pid = retired.name.rsplit("-", 1)[-1]
-        if retired.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            interrupted.append((retired.stat().st_mtime, retired))
-    if not interrupted:
-        return False
-    os.replace(max(interrupted)[1], directory)
-    _fsync_dir(directory.parent)
-    return True
-
-
-@contextmanager
-def _atomic_folder(directory: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``directory``; when the block ends normally, fsync every file in it
-    and rename it to ``directory`` (replacing what was there), else remove it.
-
-    Until the rename the old ``directory`` is untouched, so a failure or a crash at any point leaves either the
-    old folder or the new one, complete, never a mixture. A crash (not an exception) can leave a hidden
-    ``.<name>.saving-*`` folder behind; nothing reads those.
-    """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    restore_interrupted_save(directory)  # so that the retired folder of an earlier crash is replaced, not kept
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
-    try:
-        yield staging
-        for path in staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(staging)
-        retired = None
-        if directory.exists():
-            # Between this rename and the next one there is no ``directory``: a process killed in that moment
-            # leaves the previous version here, complete, and restore_interrupted_save() puts it back.
-            retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, retired)
-        os.replace(staging, directory)
-        _fsync_dir(directory.parent)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _write_model_files(model: GPT, folder: Path, metadata: dict[str, Any] | None) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
     if model.lm_head.weight is not model.transformer.wte.weight:
@@ -152,7 +87,7 @@ def save_checkpoint(model: GPT, directory: str | Path, metadata: dict[str, Any] 
     ``metadata`` (JSON-serialisable) is stored in config.json under ``metadata``.
     """
     directory = Path(directory)
-    with _atomic_folder(directory) as staging:
+    with atomic_folder(directory) as staging:
         _write_model_files(model, staging, metadata)
     return directory
 
@@ -160,7 +95,7 @@ def save_checkpoint(model: GPT, directory: str | Path, metadata: dict[str, Any] 
 def read_checkpoint_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config and the whole config.json document of a checkpoint, validated."""
     directory = Path(directory)
-    restore_interrupted_save(directory)
+    restore_interrupted(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {directory}")
     config_path = directory / CONFIG_FILE
@@ -251,17 +186,7 @@ class ResumableCheckpoint:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data, indent=None)
 
 
 def resume_dir(out_dir: str | Path) -> Path:
@@ -293,7 +218,7 @@ def save_resumable_checkpoint(
     root = resume_dir(out_dir)
     directory = root / f"step-{step:08d}"
     document = {"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "step": step, **state}
-    with _atomic_folder(directory) as staging:
+    with atomic_folder(directory) as staging:
         _write_model_files(model, staging, {"step": step})
         for name, group in tensors.items():
             # .contiguous().cpu() copies nothing that is already a contiguous CPU tensor

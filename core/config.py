@@ -66,8 +66,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class JsonConfig:
+    """JSON in and out for a config dataclass: :meth:`to_dict` gives plain values, :meth:`from_dict` rebuilds and so
+    validates the config (a job folder, a checkpoint and a sweep's study store configs this way)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """The config of a JSON-style dict; an unknown field or a bad value raises ``ValueError`` saying which."""
+        what = cls.__name__.removesuffix("Config").lower() + " config"
+        if not isinstance(values, dict):
+            raise ValueError(f"{what} must be a JSON object, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{what}: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Shape of a GPT-2-style transformer. The defaults are the reference design (the ``gpt2`` preset)."""
 
     vocab_size: int = GPT2_VOCAB_SIZE
@@ -131,21 +152,6 @@ class ModelConfig:
         chosen = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(PRESETS[preset], **chosen)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a JSON-style dict, refusing unknown or missing-typed fields with a clear message."""
-        if not isinstance(values, dict):
-            raise ValueError(f"model config must be a JSON object, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
 
 PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
@@ -154,52 +160,11 @@ PRESETS: dict[str, ModelConfig] = {
     "shakespeare-cpu": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=128),
 }
 """Named model shapes. ``gpt2`` is the reference design: 124,439,808 parameters; ``shakespeare-cpu`` is the shape of
-the CPU time-budget recipe (:data:`RECIPES`)."""
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "shakespeare-cpu": {
-        "batch_size": 16,
-        "block_size": 128,
-        "order": "random",
-        "max_steps": 1_000_000,
-        "target_loss": 0.0,
-        "lr": 3e-3,
-        "warmup_fraction": 0.05,
-        "weight_decay": 0.1,
-        "grad_clip": 1.0,
-        "tie_unused_tokens": True,
-        "eval_interval": 200,
-        "sample_interval": 200,
-        "checkpoint_interval": 200,
-    },
-}
-"""Data and training settings measured to give the lowest held-out bits per character for a preset on a CPU time
-budget (README, "Quality per CPU-minute"); any flag given explicitly overrides them. Fields of :class:`DataConfig`
-and :class:`TrainConfig`; a preset without a recipe trains with those classes' defaults (the reference's)."""
-
-LONG_BUDGET_SETTINGS: dict[str, list[tuple[float, dict[str, Any]]]] = {
-    "shakespeare-cpu": [(1200.0, {"dropout": 0.2})],
-}
-"""Changes to a recipe for time budgets of at least so many seconds. A 30-minute run of the 10-minute recipe makes
-about 20 passes over Tiny Shakespeare and overfits: its held-out bits per character bottomed out at 2.29 halfway
-and rose after, while the training loss kept falling; dropout is what a longer budget needs."""
-
-BUDGET_PRESET = "shakespeare-cpu"
-"""The preset a time-budget run uses when none is named."""
-
-
-def recipe_defaults(preset: str, time_budget: float | None = None) -> dict[str, Any]:
-    """The recipe's field values for ``preset`` (empty for a preset without one), with the changes
-    :data:`LONG_BUDGET_SETTINGS` makes for a ``time_budget`` of that many seconds."""
-    values = dict(RECIPES.get(preset, {}))
-    for threshold, changes in LONG_BUDGET_SETTINGS.get(preset, []):
-        if time_budget is not None and time_budget >= threshold:
-            values.update(changes)
-    return values
+the CPU time-budget recipe (:data:`core.recipes.RECIPES`)."""
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(JsonConfig):
     """Where the corpus comes from, how it is split, and how batches are cut from it."""
 
     source: str = TINY_SHAKESPEARE_URL
@@ -239,7 +204,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(JsonConfig):
     """How continuations are drawn from the model."""
 
     max_new_tokens: int = 200
@@ -291,7 +256,7 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Optimisation, schedule, stop rules and periodic work of a training run (the reference's defaults)."""
 
     max_steps: int = 20_000
@@ -419,17 +384,13 @@ class TrainConfig:
             f"(e.g. 989 for an H100 SXM), or unset, got {self.peak_tflops!r}",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(JsonConfig):
     """Where a training run is recorded and how its model is registered."""
 
     experiment: str = "shakespeare-gpt"

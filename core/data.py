@@ -12,9 +12,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.atomic import write_bytes
 from core.config import DataConfig
 from core.errors import StudioError, UsageError
 from core.tokenizer import Tokenizer
@@ -70,20 +69,6 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _download(url: str, cache_dir: Path) -> Path:
     """Fetch ``url`` once into ``cache_dir/downloads`` and return the local file."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.urlparse(url).path).name) or "corpus.txt"
@@ -101,7 +86,7 @@ def _download(url: str, cache_dir: Path) -> Path:
         ) from exc
     if len(data) > DOWNLOAD_LIMIT_BYTES:
         raise CorpusError(f"{url} is larger than {DOWNLOAD_LIMIT_BYTES // 2**20} MiB; download it and pass its path")
-    _atomic_write_bytes(target, data)
+    write_bytes(target, data)
     return target
 
 
@@ -175,7 +160,7 @@ def store_upload(name: str, data: bytes, cache_dir: str | Path = "data") -> Path
     if target.parent != directory:  # cannot happen with a sanitised name; never write outside the folder anyway
         raise CorpusError(f"refusing to store {shown} outside {directory}")
     if not target.is_file():
-        _atomic_write_bytes(target, data)
+        write_bytes(target, data)
     return target
 
 
@@ -207,8 +192,8 @@ def prepare_corpus(config: DataConfig, tokenizer: Tokenizer) -> PreparedCorpus:
             raise CorpusError(
                 f"{config.source} is too short: its {split} split has {len(ids)} token(s); give a longer text"
             )
-    _atomic_write_bytes(directory / "train.bin", np.asarray(train_ids, dtype=np.uint16).tobytes())
-    _atomic_write_bytes(directory / "val.bin", np.asarray(val_ids, dtype=np.uint16).tobytes())
+    write_bytes(directory / "train.bin", np.asarray(train_ids, dtype=np.uint16).tobytes())
+    write_bytes(directory / "val.bin", np.asarray(val_ids, dtype=np.uint16).tobytes())
     meta = {
         "format": CACHE_FORMAT_VERSION,
         "source": config.source,
@@ -224,7 +209,7 @@ def prepare_corpus(config: DataConfig, tokenizer: Tokenizer) -> PreparedCorpus:
         "val_tokens": len(val_ids),
     }
     # meta.json is written last: its presence marks a complete cache.
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return PreparedCorpus(directory, meta)
 
 

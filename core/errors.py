@@ -7,3 +7,7 @@ class StudioError(Exception):
 
 class UsageError(StudioError, ValueError):
     """A request that is invalid as asked (bad argument value, prompt, or file content)."""
+
+
+class JobError(StudioError):
+    """A job request that cannot be done (unknown job, deleting a running job, no POSIX signals)."""

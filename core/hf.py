@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.atomic import atomic_folder
 from core.checkpoint import all_finite
 from core.config import GPT2_VOCAB_SIZE, ModelConfig
 from core.errors import UsageError
@@ -236,28 +234,13 @@ def from_hf_state_dict(
 
 
 def _atomic_write_folder(out_dir: Path, files: dict[str, Any], check=None) -> None:
-    """Write ``files`` (name -> callable taking a path) into a temporary sibling of ``out_dir``, run ``check`` on
-    that folder if given, then rename it into place (replacing ``out_dir``)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.exporting-"))
-    try:
+    """Write ``files`` (name -> callable taking a path) into a staging sibling of ``out_dir``, run ``check`` on that
+    folder if given, then swap it in for ``out_dir`` (:func:`core.atomic.atomic_folder`)."""
+    with atomic_folder(out_dir) as staging:
         for name, write in files.items():
             write(staging / name)
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
         if check is not None:
             check(staging)
-        retired = None
-        if out_dir.exists():
-            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, retired)
-        os.replace(staging, out_dir)
-        if retired is not None:
-            # The new export is in place; a leftover hidden copy of the old one is harmless (as in core.checkpoint).
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def check_export_target(out_dir: str | Path, *, overwrite: bool = False) -> Path:

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.atomic import write_bytes
 from core.config import TINY_SHAKESPEARE_URL, DataConfig
-from core.data import PreparedCorpus, _atomic_write_bytes
+from core.data import PreparedCorpus
 from core.tokenizer import Tokenizer
 
 SPAN_TOKENS = 8
@@ -288,7 +289,7 @@ def _cached_index(directory: str, sha256: str, save: bool) -> CopyIndex:
         buffer = io.BytesIO()
         np.save(buffer, index.suffix_array, allow_pickle=False)
         try:
-            _atomic_write_bytes(path, buffer.getvalue())
+            write_bytes(path, buffer.getvalue())
         except OSError as exc:
             log.warning("could not save the copy index to %s (it is rebuilt next time): %s", path, exc)
     return index

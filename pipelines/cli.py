@@ -1,4 +1,5 @@
-"""Shared plumbing for the command-line entry points: one-line errors and exit codes.
+"""Shared plumbing for the command-line entry points: one-line errors and exit codes, and flags derived from the
+config dataclasses (:func:`add_config_flags`: a field, its default and its help are written once, in core).
 
 A user mistake (bad argument, bad file, missing cache) prints ``error: <what to do>`` on stderr and exits 2;
 it never shows a traceback. A failure of the MLflow store (an ``MlflowException``: a broken database, a server
@@ -8,9 +9,15 @@ error) prints ``error: MLflow: <message>`` and exits 1. Anything else is a bug a
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from core.errors import StudioError
 
@@ -52,6 +59,22 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def read_json_file(path: str, what: str) -> Any:
+    """The JSON document in ``path``; a missing or unreadable file or bad JSON raises :class:`UsageError` naming
+    ``what`` (the option that gave the path)."""
+    import json
+
+    from core.errors import UsageError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{what} {path}: not a readable JSON file ({exc})") from None
+
+
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """Run ``main`` and exit with its code, turning user errors into one line and exit code 2."""
     try:
@@ -74,3 +97,79 @@ def _is_mlflow_error(exc: BaseException) -> bool:
     """Whether ``exc`` is an ``MlflowException`` (checked without importing MLflow into tools that never use it)."""
     module = sys.modules.get("mlflow.exceptions")
     return module is not None and isinstance(exc, module.MlflowException)
+
+
+_SCALAR_TYPES = {"int": int, "float": float, "str": str}
+_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`")  # :class:`core.model.SharedRows` -> SharedRows
+
+
+@functools.cache
+def field_docs(config_type: type) -> dict[str, str]:
+    """The docstring of each field of a config dataclass (the string literal under it), on one line, with the
+    reStructuredText markup taken out."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(config_type)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = _ROLE.sub(r"\1", " ".join(following.value.value.split())).replace("``", "")
+            docs[node.target.id] = text
+    return docs
+
+
+def add_config_flags(
+    group: argparse._ActionsContainer,
+    config_type: type,
+    names: Sequence[str],
+    *,
+    flags: dict[str, str] | None = None,
+    types: dict[str, Callable[[str], Any]] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
+    metavars: dict[str, str] | None = None,
+    prefix: str = "",
+    show_defaults: bool = True,
+    defaults: dict[str, str] | None = None,
+) -> None:
+    """Add a ``--field-name`` option to ``group`` for each field ``names`` of the dataclass ``config_type``.
+
+    Its help is the field's docstring and ``(default X)`` from the dataclass; its type comes from the annotation
+    (``bool`` fields get ``--x/--no-x``) unless ``types`` names another parser (e.g. :func:`positive_int`). The
+    option's value defaults to None, "not given", so that whoever builds the config can tell a choice from a default
+    (a preset's recipe fills what is not given). ``flags`` renames an option (``{"source": "--data"}``; its
+    destination is then the flag's name). ``prefix`` goes before each help text; ``show_defaults=False`` leaves the
+    class default out (fields a preset sets); ``defaults`` says in words what a field defaults to where the entry
+    point derives it (``{"block_size": "the model's context"}``).
+    """
+    flags, types, choices, metavars = flags or {}, types or {}, choices or {}, metavars or {}
+    defaults = defaults or {}
+    fields = {field.name: field for field in dataclasses.fields(config_type)}
+    docs = field_docs(config_type)
+    for name in names:
+        field = fields[name]  # a KeyError here is a typo in the entry point, found by its --help test
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        annotation = str(field.type).replace(" | None", "")
+        doc = docs.get(name, "").replace("%", "%%")
+        help_text = prefix + (doc[:1].lower() + doc[1:] if prefix else doc)
+        if name in defaults:
+            help_text += f" (default: {defaults[name]})"
+        elif show_defaults and field.default not in (dataclasses.MISSING, None, False):
+            shown = (
+                f"{field.default:,}" if isinstance(field.default, int) and field.default >= 10_000 else field.default
+            )
+            help_text += f" (default {shown})"
+        options: dict[str, Any] = {"default": None, "help": help_text, "dest": flag.lstrip("-").replace("-", "_")}
+        if annotation == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = types.get(name, _SCALAR_TYPES.get(annotation, str))
+            if name in choices:
+                options["choices"] = choices[name]
+            if name in metavars:
+                options["metavar"] = metavars[name]
+        group.add_argument(flag, **options)

@@ -3,7 +3,7 @@
 Usage: python -m pipelines.jobs [--jobs-root DIR] (list [--json] | cancel JOB_ID [--timeout S] | reap)
 
 The jobs are those of the current tracking store (``MLFLOW_TRACKING_URI``, else ``mlruns/``): the folders the
-studio's Train page creates (see core/jobs.py). ``list`` shows every job with its state, newest first; ``cancel``
+studio's Train page creates (see core/jobs/). ``list`` shows every job with its state, newest first; ``cancel``
 sends SIGTERM to the job's process group (training stops after its current step, saves a checkpoint and ends its
 run KILLED), then SIGKILL after --timeout seconds. ``list`` and ``cancel`` end the run of a job whose process died
 KILLED. ``reap`` does that for every job, then ends KILLED every RUNNING run of the store whose training process on
@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {job.reason}")
         return 0
 
-    report = jobs.reap(args.jobs_root)
+    from core.reaper import reap
+
+    report = reap(args.jobs_root)
     for reaped in report.reaped:
         what = f"job {reaped.job_id}: run {reaped.run_id}" if reaped.job_id else f"run {reaped.run_id}"
         print(f"{what} was RUNNING; ended {reaped.status} ({reaped.reason})")

@@ -45,13 +45,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipelines.cli import ArgumentParser, duration, positive_int, run
+from pipelines.cli import ArgumentParser, duration, positive_int, read_json_file, run
 
 if TYPE_CHECKING:
     from core.sweep import SweepOutcome, SweepPlan, SweepStatus
-    from core.sweep_jobs import SweepJobRecorder
+    from core.sweep_jobs import SweepJob, SweepJobRecorder
 
 RESUME_OPTIONS = ("resume", "trials", "sweep_budget", "storage", "job_dir", "log_interval", "check")
+
+SPEC_OPTIONS = ("spec", "job_dir", "log_interval", "check")
+"""The options --spec may be combined with: the file holds every setting of the sweep."""
 """The options --resume may be combined with: how much longer, where things are and how progress shows."""
 
 
@@ -99,6 +102,12 @@ def build_parser() -> ArgumentParser:
     sweep.add_argument("--storage", metavar="URL", help="Optuna storage (default: sweeps.db beside the tracking store)")
     sweep.add_argument("--resume", metavar="NAME", help="continue the stopped sweep NAME with its stored settings")
     sweep.add_argument("--check", action="store_true", help="validate everything, create nothing, and exit")
+    sweep.add_argument(
+        "--spec",
+        metavar="JSON",
+        help="run the sweep job this file describes (a job folder's spec.json: settings and configs, or a sweep to "
+        "resume) instead of the flags above",
+    )
     return p
 
 
@@ -114,12 +123,15 @@ def explicit_options(argv: Sequence[str] | None) -> list[str]:
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> SweepPlan:
     """The validated plan of parsed arguments (a new sweep or ``--resume``); UsageError otherwise. Creates nothing."""
-    import dataclasses
-
     from core.errors import UsageError
-    from core.sweep import SweepSettings, parse_space, plan_resume, plan_sweep
-    from pipelines.train import build_configs
+    from core.sweep import plan_resume
+    from core.sweep_jobs import SweepJob
 
+    if args.spec is not None:
+        extra = [f"--{d.replace('_', '-')}" for d in explicit_options(argv) if d not in SPEC_OPTIONS]
+        if extra:
+            raise UsageError(f"--spec holds every setting of the sweep; drop {', '.join(extra)}")
+        return SweepJob.from_dict(read_json_file(args.spec, "--spec")).plan()
     if args.resume is not None:
         conflicting = [f"--{d.replace('_', '-')}" for d in explicit_options(argv) if d not in RESUME_OPTIONS]
         if conflicting:
@@ -129,16 +141,27 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> SweepPlan
                 + ", ".join(conflicting)
             )
         return plan_resume(args.resume, storage=args.storage, n_trials=args.trials, time_budget=args.sweep_budget)
+    return make_spec(args).plan()
+
+
+def make_spec(args: argparse.Namespace) -> SweepJob:
+    """The spec of the new sweep that parsed arguments ask for (what a background job of it stores); UsageError
+    (one line) for a bad space or settings. Creates nothing."""
+    from core.errors import UsageError
+    from core.recipes import RunConfigs
+    from core.sweep import SweepSettings, parse_space
+    from core.sweep_jobs import SweepJob
+    from pipelines.train import build_configs
+
     if args.register_best:
         raise UsageError("--register-best: a sweep always registers its best trial's best-validation checkpoint")
     space = parse_space(args.param)
     # The training options' --time-budget is the sweep's own here (the whole sweep's); each trial's budget is
     # --trial-budget, which, as pipelines.train's --time-budget does, also picks the budget recipe without --preset.
     args.time_budget = args.trial_budget
-    model, data, train, tracking = build_configs(args)
-    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    configs = RunConfigs(*build_configs(args))
     settings = SweepSettings(
-        name=name,
+        name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
         space=space,
         metric=args.metric,
         n_trials=args.trials,
@@ -146,10 +169,9 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> SweepPlan
         trial_budget=args.trial_budget,
         sampler=args.sampler,
         pruner=args.pruner,
-        seed=args.seed,
+        seed=configs.train.seed,
     )
-    tracking = dataclasses.replace(tracking, run_name=args.run_name or name)
-    return plan_sweep(settings, model, data, train, tracking, storage=args.storage)
+    return SweepJob(settings=settings, configs=configs, storage=args.storage)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,29 +45,25 @@ outcome are also written to that folder, and the run is tagged with the job id a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.cli import ArgumentParser, duration, positive_int, run
+from pipelines.cli import ArgumentParser, add_config_flags, duration, positive_int, read_json_file, run
 
 if TYPE_CHECKING:
     from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
     from core.distributed import DistContext
     from core.jobs import JobRecorder
 
-DEFAULT_TOKENS_PER_BATCH = 2048  # the reference's B·T
-DEFAULT_PRESET = "tiny"
-
 
 def build_parser() -> ArgumentParser:
-    from core.config import BUDGET_PRESET, PRESETS, TINY_SHAKESPEARE_URL, TrainConfig
+    """The options: the config dataclasses' fields (their docstrings are the help, their defaults shown), plus the
+    preset, the model overrides and where things go."""
+    from core.config import PRESETS, DataConfig, ModelConfig, TrackingConfig, TrainConfig
     from core.device import DEVICE_CHOICES
-    from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+    from core.recipes import BUDGET_PRESET, DEFAULT_PRESET
 
-    d = TrainConfig()
     p = ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     model = p.add_argument_group("model")
     model.add_argument(
@@ -76,144 +72,74 @@ def build_parser() -> ArgumentParser:
         help=f"model shape, with its recipe's training defaults if it has one (default: {DEFAULT_PRESET}, or "
         f"{BUDGET_PRESET} with --time-budget)",
     )
-    model.add_argument("--n-layer", type=positive_int, help="override the preset's number of blocks")
-    model.add_argument("--n-head", type=positive_int, help="override the preset's attention heads")
-    model.add_argument("--n-embd", type=positive_int, help="override the preset's width")
-    model.add_argument("--context", type=positive_int, help="override the preset's context length")
-    model.add_argument("--dropout", type=float, help="dropout probability in [0, 1) (default 0)")
-    model.add_argument(
-        "--pad-vocab",
-        type=positive_int,
-        metavar="N",
-        help="round the embedding/LM head rows up to a multiple of N, 64 suits GPUs; 1 = none (default 1)",
+    add_config_flags(
+        model,
+        ModelConfig,
+        ["n_layer", "n_head", "n_embd", "block_size", "dropout", "pad_vocab_multiple"],
+        flags={"block_size": "--context", "pad_vocab_multiple": "--pad-vocab"},
+        types={"n_layer": positive_int, "n_head": positive_int, "n_embd": positive_int, "block_size": positive_int}
+        | {"pad_vocab_multiple": positive_int},
+        metavars={"pad_vocab_multiple": "N"},
+        prefix="override the preset: ",
+        show_defaults=False,
     )
-    model.add_argument(
-        "--init-from",
-        metavar="HF_DIR",
-        help="fine-tune a Hugging Face GPT-2 folder (config.json + model.safetensors); its config sets the shape",
-    )
+    add_config_flags(model, TrainConfig, ["init_from"], metavars={"init_from": "HF_DIR"})
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=TINY_SHAKESPEARE_URL, help="corpus file or URL (default: Tiny Shakespeare)")
-    data.add_argument("--batch-size", type=positive_int, help="sequences per batch (default: 2048 tokens / T)")
-    data.add_argument("--block-size", type=positive_int, help="tokens per sequence T (default: the model context)")
-    data.add_argument(
-        "--order",
-        choices=("sequential", "random"),
-        help="batch order: the reference's sequential windows (default), or random windows",
+    add_config_flags(
+        data,
+        DataConfig,
+        ["source", "batch_size", "block_size", "order"],
+        flags={"source": "--data"},
+        types={"batch_size": positive_int, "block_size": positive_int},
+        choices={"order": ("sequential", "random")},
+        defaults={"batch_size": "2,048 tokens / T", "block_size": "the model's context"},
     )
 
     opt = p.add_argument_group(
         "optimisation and stopping",
-        "A default in brackets below is the reference's; the shakespeare-cpu preset has its own (core.config.RECIPES).",
+        "A default in brackets below is the reference's; the shakespeare-cpu preset has its own "
+        "(core.recipes.RECIPES).",
     )
-    opt.add_argument(
-        "--time-budget",
-        type=duration,
-        metavar="DURATION",
-        help="train for this wall-clock time (90s, 10m, 1h): the schedule is sized to end inside it, evaluations "
-        "and checkpoints included; --max-steps becomes a cap",
-    )
-    opt.add_argument(
-        "--tie-unused-tokens",
-        action=argparse.BooleanOptionalAction,
-        help="one shared embedding row for the tokens the corpus never uses: a ~4x cheaper LM head, same model",
-    )
-    opt.add_argument("--max-steps", type=int, help=f"step limit (default {d.max_steps:,})")
-    opt.add_argument(
-        "--target-loss",
-        type=float,
-        help=f"stop when the {d.avg_window}-step average loss is below this; 0 disables (default 0.1)",
-    )
-    opt.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    opt.add_argument(
-        "--warmup-fraction",
-        type=float,
-        help=f"share of the schedule spent warming up (default {d.warmup_fraction})",
-    )
-    opt.add_argument(
-        "--final-div-factor",
-        type=float,
-        help=f"final lr = lr / 25 / this (default {d.final_div_factor:g})",
-    )
-    opt.add_argument(
-        "--weight-decay",
-        type=float,
-        help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})",
-    )
-    opt.add_argument(
-        "--grad-accum",
-        type=positive_int,
-        default=d.grad_accum,
-        metavar="N",
-        help="accumulate the gradients of N micro-batches per optimizer step (default 1)",
-    )
-    opt.add_argument("--beta1", type=float, help=f"AdamW beta1 (default {d.beta1})")
-    opt.add_argument("--beta2", type=float, help=f"AdamW beta2 (default {d.beta2})")
-    opt.add_argument("--eps", type=float, help=f"AdamW epsilon (default {d.eps:g})")
-    opt.add_argument("--grad-clip", type=float, help="gradient norm clip; 0 disables (default 0.5)")
-    opt.add_argument(
-        "--eval-interval",
-        type=int,
-        help=f"validate every N steps and at the end; 0 disables (default {d.eval_interval})",
-    )
-    opt.add_argument("--eval-batches", type=positive_int, help="validation batches per eval (default: all)")
-    opt.add_argument("--patience", type=positive_int, help="stop after N evals without a better val loss")
-    opt.add_argument(
-        "--sample-interval",
-        type=int,
-        help=f"log a text sample every N steps and at the end; 0 = end only (default {d.sample_interval})",
-    )
-    opt.add_argument(
-        "--sample-prompt", default=d.sample_prompt, help=f"prompt of the samples (default {d.sample_prompt!r})"
-    )
-    opt.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    opt.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = CUDA, then MPS, then CPU")
-    opt.add_argument(
-        "--compile",
-        action="store_true",
-        help="run training steps through torch.compile (pays on CUDA; needs a C++ compiler on CPU)",
-    )
-    opt.add_argument(
-        "--peak-tflops",
-        type=float,
-        metavar="X",
-        help="the device's peak dense TFLOP/s for MFU (default: looked up for known CUDA GPUs, else no MFU)",
+    add_config_flags(
+        opt,
+        TrainConfig,
+        ["time_budget", "tie_unused_tokens", "max_steps", "target_loss", "lr", "warmup_fraction"]
+        + ["final_div_factor", "weight_decay", "grad_accum", "beta1", "beta2", "eps", "grad_clip", "eval_interval"]
+        + ["eval_batches", "patience", "sample_interval", "sample_prompt", "seed", "device", "compile", "peak_tflops"],
+        types={"time_budget": duration, "grad_accum": positive_int, "eval_batches": positive_int}
+        | {"patience": positive_int},
+        choices={"device": DEVICE_CHOICES},
+        metavars={"time_budget": "DURATION", "grad_accum": "N", "peak_tflops": "X"},
     )
 
     track = p.add_argument_group("tracking and registry")
-    track.add_argument(
-        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})"
-    )
-    track.add_argument("--run-name", help="MLflow run name (default: generated)")
-    track.add_argument(
-        "--register-as", default=DEFAULT_MODEL_NAME, help=f"registered model name (default {DEFAULT_MODEL_NAME})"
-    )
-    track.add_argument("--alias", help="point this alias (e.g. champion) at the new version")
-    track.add_argument("--register-best", action="store_true", help="register the best-validation checkpoint")
+    add_config_flags(track, TrackingConfig, ["experiment", "run_name", "register_as", "alias", "register_best"])
     track.add_argument("--log-interval", type=positive_int, default=10, help="terminal line every N steps (default 10)")
     track.add_argument(
         "--job-dir",
         help="record the run id, live progress and the outcome in this folder "
         "(used by the studio app to run training as a background job)",
     )
+    track.add_argument(
+        "--spec",
+        metavar="JSON",
+        help="run the training job this file describes (a job folder's spec.json: the run's configs, or a run to "
+        "resume) instead of the flags above",
+    )
 
     ckpt = p.add_argument_group("checkpoints and resume")
-    ckpt.add_argument(
-        "--checkpoint-root", help="folder for local checkpoints, one per run (default: mlruns/checkpoints)"
+    add_config_flags(
+        ckpt,
+        TrackingConfig,
+        ["checkpoint_root"],
     )
-    ckpt.add_argument(
-        "--checkpoint-interval",
-        type=int,
-        metavar="N",
-        help=f"resumable checkpoint every N steps and at the end; 0 = none (default {d.checkpoint_interval})",
-    )
-    ckpt.add_argument(
-        "--keep-checkpoints",
-        type=positive_int,
-        default=d.keep_checkpoints,
-        metavar="K",
-        help=f"keep the newest K resumable checkpoints (default {d.keep_checkpoints})",
+    add_config_flags(
+        ckpt,
+        TrainConfig,
+        ["checkpoint_interval", "keep_checkpoints"],
+        types={"keep_checkpoints": positive_int},
+        metavars={"checkpoint_interval": "N", "keep_checkpoints": "K"},
     )
     ckpt.add_argument(
         "--resume",
@@ -224,6 +150,9 @@ def build_parser() -> ArgumentParser:
 
 
 RESUME_OPTIONS = ("resume", "checkpoint_root", "log_interval", "job_dir")
+
+SPEC_OPTIONS = ("spec", "log_interval", "job_dir")
+"""The options --spec may be combined with: the file holds every setting of the run."""
 """The options --resume may be combined with: where things are and how progress shows, never the training."""
 
 
@@ -249,107 +178,21 @@ def check_resume_options(args: argparse.Namespace, given: Sequence[str]) -> None
         )
 
 
-def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig]:
-    """The validated configs of parsed arguments; a bad value raises ``ValueError`` with a one-line message."""
-    from core.config import BUDGET_PRESET, DataConfig, ModelConfig, TrackingConfig, TrainConfig, recipe_defaults
-
-    preset = args.preset or (BUDGET_PRESET if args.time_budget is not None and args.init_from is None else None)
-    recipe = recipe_defaults(preset, args.time_budget) if preset is not None else {}
-
-    def setting(name: str, flag_value, fallback):
-        """A flag's value when given, else the preset's recipe, else the config class's default."""
-        return flag_value if flag_value is not None else recipe.get(name, fallback)
-
-    if args.init_from is not None:
-        model_config = init_from_model_config(args)
-        if args.pad_vocab is not None:  # padding is the studio's layout, not part of the checkpoint's shape
-            model_config = dataclasses.replace(model_config, pad_vocab_multiple=args.pad_vocab)
-    else:
-        model_config = ModelConfig.from_preset(
-            preset or DEFAULT_PRESET,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            n_embd=args.n_embd,
-            block_size=args.context,
-            dropout=setting("dropout", args.dropout, None),
-            pad_vocab_multiple=args.pad_vocab,
-        )
-    block_size = setting("block_size", args.block_size, None) or model_config.block_size
-    batch_size = setting("batch_size", args.batch_size, None) or max(1, DEFAULT_TOKENS_PER_BATCH // block_size)
-    data_defaults, train_defaults = DataConfig(), TrainConfig()
-    data_config = DataConfig(
-        source=args.data,
-        batch_size=batch_size,
-        block_size=block_size,
-        order=setting("order", args.order, data_defaults.order),
-        seed=args.seed,
-    )
-    recipe_fields = [
-        "max_steps",
-        "target_loss",
-        "lr",
-        "warmup_fraction",
-        "final_div_factor",
-        "beta1",
-        "beta2",
-        "eps",
-        "weight_decay",
-        "grad_clip",
-        "eval_interval",
-        "sample_interval",
-        "checkpoint_interval",
-        "tie_unused_tokens",
-    ]
-    train_config = TrainConfig(
-        **{name: setting(name, getattr(args, name), getattr(train_defaults, name)) for name in recipe_fields},
-        time_budget=args.time_budget,
-        grad_accum=args.grad_accum,
-        eval_batches=args.eval_batches,
-        patience=args.patience,
-        sample_prompt=args.sample_prompt,
-        seed=args.seed,
-        device=args.device,
-        init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
-        compile=args.compile,
-        peak_tflops=args.peak_tflops,
-        keep_checkpoints=args.keep_checkpoints,
-    )
-    tracking = TrackingConfig(
-        experiment=args.experiment,
-        run_name=args.run_name,
-        register_as=args.register_as,
-        alias=args.alias,
-        register_best=args.register_best,
-        preset=preset or ("custom" if args.init_from is not None else DEFAULT_PRESET),
-        checkpoint_root=args.checkpoint_root,
-    )
-    return model_config, data_config, train_config, tracking
-
-
-def init_from_model_config(args: argparse.Namespace) -> ModelConfig:
-    """The model config of ``--init-from``'s checkpoint, with --context and --dropout applied.
-
-    Raises ``UsageError`` when --preset, --n-layer, --n-head or --n-embd asks for another shape than the checkpoint's.
-    """
-    from core.config import PRESETS
+def check_only(given: Sequence[str], allowed: Sequence[str], why: str) -> None:
+    """Raise ``UsageError`` when an option outside ``allowed`` was given (``why`` says what makes it pointless)."""
     from core.errors import UsageError
-    from core.hf import read_hf_config
 
-    config, _ = read_hf_config(args.init_from, block_size=args.context, dropout=args.dropout)
-    shape = ("n_layer", "n_head", "n_embd")
-    asked: list[tuple[str, str, int | None]] = []  # (flag as typed, field, value it asks for)
-    if args.preset is not None:
-        asked += [(f"--preset {args.preset}", f, getattr(PRESETS[args.preset], f)) for f in shape]
-    asked += [(f"--{f.replace('_', '-')} {getattr(args, f)}", f, getattr(args, f)) for f in shape]
-    for flag, field, value in asked:
-        if value is None:
-            continue
-        if value != getattr(config, field):
-            raise UsageError(
-                f"{flag} asks for {field} {value}, but --init-from {args.init_from} has {field} "
-                f"{getattr(config, field)}; drop it: the shape comes from the checkpoint"
-            )
-    return config
+    extra = [f"--{dest.replace('_', '-')}" for dest in given if dest not in allowed]
+    if extra:
+        raise UsageError(f"{why}; drop {', '.join(extra)}")
+
+
+def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig, TrackingConfig]:
+    """The validated configs of parsed arguments (:func:`core.recipes.resolve_run_configs`); a bad value raises
+    ``ValueError`` with a one-line message."""
+    from core.recipes import CHOICE_KEYS, resolve_run_configs
+
+    return resolve_run_configs({k: v for k, v in vars(args).items() if k in CHOICE_KEYS}).astuple()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,13 +202,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MLflow draws a progress bar for every artifact transfer (registering the model makes two); the studio's own
     # progress output is the one on this terminal. An explicit setting in the environment wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    given = explicit_options(argv) if args.resume is not None else []
-    if args.resume is not None:
+    given = explicit_options(argv) if args.resume is not None or args.spec is not None else []
+    configs = None
+    if args.spec is not None:  # a job's spec.json: the configs of a new run, or the run to resume
+        from core.jobs import TrainingJob
+
+        check_only(given, SPEC_OPTIONS, "--spec holds every setting of the run")
+        spec = TrainingJob.from_dict(read_json_file(args.spec, "--spec"))
+        args.resume = spec.resume
+        configs = None if spec.configs is None else spec.configs.astuple()
+    elif args.resume is not None:
         check_resume_options(args, given)
-        configs = None
     else:
         configs = build_configs(args)  # a bad value is refused before a process group is joined
-    dist = init_distributed(args.device if configs is None else configs[2].device)
+    dist = init_distributed((args.device or "auto") if configs is None else configs[2].device)
     try:
         if args.job_dir is None or not dist.is_main:
             code = train(args, configs=configs, dist=dist)

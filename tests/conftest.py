@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,8 +75,32 @@ APP = REPO / "app"
 """The Streamlit app's folder; pages live in APP / "pages"."""
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema made, once per session: MLflow's migrations take about 3 s, so
+    every test that needs a new store starts from a copy of this one (:func:`store_from`)."""
+    from core.store import connect
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    connect(f"sqlite:///{path}").search_experiments()  # creates and migrates the schema
+    return path
+
+
+def store_from(template: Path, folder: Path) -> str:
+    """The URI of a new, empty SQLite store ``folder/mlflow.db``, a copy of ``template`` (see store_template)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture
-def studio_store(tmp_path, monkeypatch, tiny_checkpoint) -> str:
+def new_store(store_template):
+    """``new_store(folder)``: the URI of a new, empty SQLite store in ``folder`` (made in milliseconds)."""
+    return lambda folder: store_from(store_template, Path(folder))
+
+
+@pytest.fixture
+def studio_store(tmp_path, monkeypatch, tiny_checkpoint, new_store) -> str:
     """A temporary tracking store, made the current one, holding two finished runs with per-step metrics and a
     tiny registered model ``shakespeare-gpt`` (version 1, alias ``champion``, linked to the second run)."""
     from mlflow.entities import Metric, Param
@@ -83,7 +108,7 @@ def studio_store(tmp_path, monkeypatch, tiny_checkpoint) -> str:
     from core.registry import log_and_register
     from core.store import connect, ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = new_store(tmp_path / "store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = connect(uri)
     experiment_id = ensure_experiment(client, "shakespeare-gpt")
@@ -107,9 +132,9 @@ def studio_store(tmp_path, monkeypatch, tiny_checkpoint) -> str:
 
 
 @pytest.fixture
-def empty_store(tmp_path, monkeypatch) -> str:
+def empty_store(tmp_path, monkeypatch, new_store) -> str:
     """A temporary, empty tracking store, made the current one."""
-    uri = f"sqlite:///{tmp_path / 'empty' / 'mlflow.db'}"
+    uri = new_store(tmp_path / "empty")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from core.config import BUDGET_PRESET, recipe_defaults
 from core.jobs import list_jobs
+from core.recipes import BUDGET_PRESET, recipe_defaults
+from core.sweep_jobs import SweepJob
 from tests.conftest import app_page
 
 PAGE = "pages/1_Train.py"
@@ -172,8 +173,8 @@ def test_the_processes_field_starts_a_torchrun_job(empty_store, corpus_env, monk
 
     started = []
 
-    def start_job(args, *, label=None, processes=1):
-        started.append((list(args), processes))
+    def start_job(spec, *, label=None, processes=1):
+        started.append((spec, processes))
         return core.jobs.JobInfo("20260101-000000-abcdef", core.jobs.default_jobs_root(), "starting", pid=4242)
 
     monkeypatch.setattr(core.jobs, "start_job", start_job)
@@ -181,8 +182,8 @@ def test_the_processes_field_starts_a_torchrun_job(empty_store, corpus_env, monk
     fill(app, **{"Block size T (tokens per sequence)": 16, "Batch size B (sequences)": 2, "Processes": 2})
     app.button[0].click().run()
     assert not app.exception
-    [(args, processes)] = started
-    assert processes == 2 and args[args.index("--batch-size") + 1] == "2"
+    [(spec, processes)] = started
+    assert processes == 2 and spec.configs.data.batch_size == 2
 
 
 @pytest.mark.slow
@@ -241,13 +242,13 @@ def test_a_died_job_shows_as_died_with_why_and_its_run_ends_killed(empty_store, 
 
 @pytest.fixture
 def started(monkeypatch):
-    """core.jobs.start_job replaced: the (args, kwargs) of every start, and a job in state starting."""
+    """core.jobs.start_job replaced: the (spec, kwargs) of every start, and a job in state starting."""
     import core.jobs
 
     calls = []
 
-    def start_job(args, **kwargs):
-        calls.append((list(args), kwargs))
+    def start_job(spec, **kwargs):
+        calls.append((spec, kwargs))
         return core.jobs.JobInfo("20260101-000000-abcdef", core.jobs.default_jobs_root(), "starting", pid=4242)
 
     monkeypatch.setattr(core.jobs, "start_job", start_job)
@@ -266,13 +267,15 @@ def test_the_sweep_section_starts_a_sweep_job_with_the_forms_settings(empty_stor
     inputs["Sweep name (optional)"].set_value("page-sweep")
     next(b for b in app.button if b.label == "Start sweep").click().run()
     assert not app.exception and not app.error
-    [(args, kwargs)] = started
-    assert kwargs == {"label": "sweep page-sweep", "kind": "sweep"}
-    assert args[args.index("--batch-size") + 1] == "2" and args[args.index("--block-size") + 1] == "16"
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == ["lr=loguniform:1e-4:3e-3", "n_layer=int:1:3"]
-    assert args[args.index("--trials") + 1] == "3" and args[args.index("--trial-budget") + 1] == "90s"
-    assert args[-8:] == ["--metric", "val_bpc", "--pruner", "median", "--alias", "sweep-best", "--name", "page-sweep"]
-    assert "--time-budget" not in args  # the sweep's total budget is optional and was left empty
+    [(spec, kwargs)] = started
+    assert spec.kind == "sweep" and kwargs == {"label": "sweep page-sweep"}
+    settings, configs = spec.settings, spec.configs
+    assert configs.data.batch_size == 2 and configs.data.block_size == 16
+    assert [p.text for p in settings.space] == ["lr=loguniform:1e-4:3e-3", "n_layer=int:1:3"]
+    assert settings.n_trials == 3 and settings.trial_budget == 90 and configs.train.time_budget == 90
+    assert (settings.metric, settings.pruner, settings.name) == ("val_bpc", "median", "page-sweep")
+    assert configs.tracking.alias == "sweep-best"
+    assert settings.time_budget is None  # the sweep's total budget is optional and was left empty
 
 
 def test_a_bad_search_space_is_one_message_and_starts_nothing(empty_store, corpus_env, started):
@@ -322,5 +325,5 @@ def test_a_stopped_sweep_job_shows_its_trials_and_best_and_can_be_resumed(empty_
     assert any("sweep: 2 of 4 trials done" in (p.proto.text or "") for p in app.get("progress"))
     next(b for b in app.button if b.label == "Resume sweep").click().run()
     assert not app.exception
-    [(args, kwargs)] = started
-    assert args == ["--resume", "lr-search"] and kwargs == {"label": "sweep lr-search", "kind": "sweep"}
+    [(spec, kwargs)] = started
+    assert spec == SweepJob(resume="lr-search") and kwargs == {"label": "sweep lr-search"}

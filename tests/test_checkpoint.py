@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import checkpoint as checkpoint_module
+from core.atomic import restore_interrupted as restore_interrupted_save
 from core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint_config,
-    restore_interrupted_save,
     save_checkpoint,
 )
 from tests.conftest import REPO

@@ -1,5 +1,10 @@
-"""The command-line entry points, run as real subprocesses the way a user runs them."""
+"""The command-line entry points, run as real subprocesses the way a user runs them; the many one-line refusals of
+bad flags run in this process (:func:`cli_in_process`: the same parser, checks and exit codes, without the few
+seconds each new Python process spends importing torch)."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -21,6 +26,18 @@ def cli(*args: str, timeout: int = 180, env: dict | None = None) -> subprocess.C
         text=True,
         timeout=timeout,
     )
+
+
+def cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` run here through its ``main`` and :func:`pipelines.cli.run` (what ``__main__``
+    runs): the exit code and what it printed. An exception other than a refusal propagates (a traceback is a bug)."""
+    from pipelines.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        run(importlib.import_module(module).main, list(args))
+    code = exited.value.code if isinstance(exited.value.code, int) else 1
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -192,35 +209,44 @@ def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
     ],
 )
 def test_generate_bad_input_is_one_line_and_exit_2(tiny_checkpoint, extra, fragment):
-    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), *extra), fragment)
+    assert_usage_error(cli_in_process("pipelines.generate", "--checkpoint", str(tiny_checkpoint), *extra), fragment)
 
 
 def test_generate_bad_checkpoints(tmp_path, tiny_checkpoint):
-    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "a"), "not found")
+    assert_usage_error(
+        cli_in_process("pipelines.generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "a"), "not found"
+    )
     weights = tiny_checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
-    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "corrupt")
+    assert_usage_error(
+        cli_in_process("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "corrupt"
+    )
 
 
 def test_prepare_data_bad_sources(tmp_path):
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)))
-    assert_usage_error(cli("pipelines.prepare_data", "--source", str(binary), "--out", str(tmp_path)), "binary")
+    assert_usage_error(
+        cli_in_process("pipelines.prepare_data", "--source", str(binary), "--out", str(tmp_path)), "binary"
+    )
     for content, fragment in ((b" \n\t", "empty"), ("Ç'est la vie".encode("latin-1"), "not UTF-8")):
         bad = tmp_path / "bad.txt"
         bad.write_bytes(content)
-        assert_usage_error(cli("pipelines.prepare_data", "--source", str(bad), "--out", str(tmp_path)), fragment)
+        assert_usage_error(
+            cli_in_process("pipelines.prepare_data", "--source", str(bad), "--out", str(tmp_path)), fragment
+        )
     assert not list(tmp_path.glob("*/meta.json"))  # nothing prepared
     assert_usage_error(
-        cli("pipelines.prepare_data", "--source", str(tmp_path / "x.txt"), "--out", str(tmp_path)), "not found"
+        cli_in_process("pipelines.prepare_data", "--source", str(tmp_path / "x.txt"), "--out", str(tmp_path)),
+        "not found",
     )
-    assert_usage_error(cli("pipelines.prepare_data", "--val-fraction", "2"), "val_fraction")
+    assert_usage_error(cli_in_process("pipelines.prepare_data", "--val-fraction", "2"), "val_fraction")
 
 
 def test_inspect_bad_input():
-    assert_usage_error(cli("pipelines.inspect", "--preset", "huge"), "invalid choice")
-    assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-head", "3"), "divisible")
-    assert_usage_error(cli("pipelines.inspect", "--preset", "tiny", "--n-layer", "-1"), "positive integer")
+    assert_usage_error(cli_in_process("pipelines.inspect", "--preset", "huge"), "invalid choice")
+    assert_usage_error(cli_in_process("pipelines.inspect", "--preset", "tiny", "--n-head", "3"), "divisible")
+    assert_usage_error(cli_in_process("pipelines.inspect", "--preset", "tiny", "--n-layer", "-1"), "positive integer")
 
 
 def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, tmp_path, monkeypatch):
@@ -237,12 +263,18 @@ def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, t
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["samples"][0].startswith("ROMEO:")
         assert "model: bard/1" in result.stderr
-    assert_usage_error(cli("pipelines.generate", "--model", "nosuch", "--prompt", "x"), "registered models: bard")
-    assert_usage_error(cli("pipelines.generate", "--model", "bard/7", "--prompt", "x"), "has no version 7")
-    assert_usage_error(cli("pipelines.generate", "--model", "bard@prod", "--prompt", "x"), "@champion (version 1)")
+    assert_usage_error(
+        cli_in_process("pipelines.generate", "--model", "nosuch", "--prompt", "x"), "registered models: bard"
+    )
+    assert_usage_error(cli_in_process("pipelines.generate", "--model", "bard/7", "--prompt", "x"), "has no version 7")
+    assert_usage_error(
+        cli_in_process("pipelines.generate", "--model", "bard@prod", "--prompt", "x"), "@champion (version 1)"
+    )
     # With nothing given, the default name is looked up and its absence is explained.
-    assert_usage_error(cli("pipelines.generate", "--prompt", "x"), "registered models: bard")
-    both = cli("pipelines.generate", "--model", "bard", "--checkpoint", str(tiny_checkpoint), "--prompt", "x")
+    assert_usage_error(cli_in_process("pipelines.generate", "--prompt", "x"), "registered models: bard")
+    both = cli_in_process(
+        "pipelines.generate", "--model", "bard", "--checkpoint", str(tiny_checkpoint), "--prompt", "x"
+    )
     assert_usage_error(both, "not allowed with argument")
 
 
@@ -318,7 +350,7 @@ def test_pad_vocab_applies_to_init_from_and_the_weights_load_padded(tmp_path, ti
     ],
 )
 def test_train_bad_gpu_flags_are_one_line_and_exit_2(extra, fragment):
-    assert_usage_error(cli("pipelines.train", "--device", "cpu", *extra), fragment)
+    assert_usage_error(cli_in_process("pipelines.train", "--device", "cpu", *extra), fragment)
 
 
 # ---- resumable training: SIGTERM, then --resume in a new process ----
@@ -385,13 +417,13 @@ def test_train_stopped_by_sigterm_resumes_in_a_new_process_as_the_same_run(tmp_p
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, steps + 1)), name
 
 
-def test_train_resume_errors_are_one_line_and_change_nothing(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    assert_usage_error(cli("pipelines.train", "--resume", "a" * 32, env=env), "the tracking store")
+def test_train_resume_errors_are_one_line_and_change_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert_usage_error(cli_in_process("pipelines.train", "--resume", "a" * 32), "the tracking store")
     assert not (tmp_path / "mlflow.db").exists()
-    assert_usage_error(cli("pipelines.train", "--resume", "a" * 32, "--lr", "1", env=env), "drop --lr")
-    assert_usage_error(cli("pipelines.train", "--checkpoint-interval", "-1", env=env), "checkpoint_interval")
-    assert_usage_error(cli("pipelines.train", "--keep-checkpoints", "0", env=env), "positive integer")
+    assert_usage_error(cli_in_process("pipelines.train", "--resume", "a" * 32, "--lr", "1"), "drop --lr")
+    assert_usage_error(cli_in_process("pipelines.train", "--checkpoint-interval", "-1"), "checkpoint_interval")
+    assert_usage_error(cli_in_process("pipelines.train", "--keep-checkpoints", "0"), "positive integer")
 
 
 # ---- bad input everywhere: the generate CLI's prompt, caps and weights; the training CLI's corpus and block size ----
@@ -438,7 +470,9 @@ def test_generate_refuses_nan_weights(tiny_checkpoint):
     state = load_file(str(weights))
     state["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
     save_file(state, str(weights))
-    assert_usage_error(cli("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "NaN")
+    assert_usage_error(
+        cli_in_process("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a"), "NaN"
+    )
 
 
 @pytest.mark.parametrize(
@@ -453,14 +487,14 @@ def test_train_refuses_an_unusable_corpus_before_any_run(tmp_path, monkeypatch, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
-    result = cli("pipelines.train", "--device", "cpu", "--data", str(corpus), "--max-steps", "1")
+    result = cli_in_process("pipelines.train", "--device", "cpu", "--data", str(corpus), "--max-steps", "1")
     assert_usage_error(result, fragment)
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
 
 
 def test_train_refuses_a_block_size_above_the_context(tmp_path, monkeypatch, shakespeare_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    result = cli(
+    result = cli_in_process(
         "pipelines.train", "--device", "cpu", "--preset", "tiny", "--block-size", "256", "--data", str(shakespeare_path)
     )
     assert_usage_error(result, "block size 256 is above the model's context of 128; use --block-size 128 or less")

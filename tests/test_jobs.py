@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from core import jobs
+from core import reaper
 from core.errors import UsageError
 from core.jobs import (
     DIED_ERROR,
@@ -23,12 +23,17 @@ from core.jobs import (
     JobInfo,
     JobProgressRecorder,
     JobRecorder,
+    TrainingJob,
     cancel_job,
     delete_job,
     get_job,
     list_jobs,
     start_job,
 )
+from core.jobs import control as job_control
+from core.jobs import recorder as job_recorder
+from core.jobs.processes import process_alive
+from core.recipes import RunConfigs
 from core.store import REPO_ROOT, connect, ensure_experiment
 from core.tracking import HOST_TAG, PID_TAG, PROCESS_START_TAG
 from pipelines import jobs as jobs_cli
@@ -59,7 +64,7 @@ def jobs_root(tmp_path):
     yield root
     for folder in root.glob("*/"):
         meta = json.loads((folder / "job.json").read_text()) if (folder / "job.json").is_file() else {}
-        if meta.get("pid") and jobs._process_alive(meta["pid"], meta.get("create_time")):
+        if meta.get("pid") and process_alive(meta["pid"], meta.get("create_time")):
             os.killpg(meta["pgid"], signal.SIGKILL)
 
 
@@ -70,6 +75,23 @@ def train_args(tmp_path: Path, corpus: Path, max_steps: int) -> list[str]:
         "--eval-interval", "0", "--sample-interval", "0", "--device", "cpu", "--data", str(corpus),
         "--experiment", EXPERIMENT, "--checkpoint-root", str(tmp_path / "checkpoints"),
     ]  # fmt: skip
+
+
+def training(argv: list[str]) -> TrainingJob:
+    """The job a user of ``python -m pipelines.train <argv>`` would start: the CLI's own parsing and config rules,
+    with its refusals as one-line UsageErrors (as the Train page shows them)."""
+    from pipelines.train import build_configs, build_parser
+
+    parser = build_parser()
+
+    def refuse(message: str):
+        raise UsageError(f"invalid training arguments: {message}")
+
+    parser.error = refuse  # argparse's own error() prints and exits
+    try:
+        return TrainingJob(RunConfigs(*build_configs(parser.parse_args([str(a) for a in argv]))))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def wait_for(job_id: str, jobs_root: Path, predicate, timeout: float = 120.0) -> JobInfo:
@@ -97,7 +119,7 @@ def group_exists(pgid: int) -> bool:
 
 @pytest.mark.slow
 def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(train_args(tmp_path, shakespeare_path, 8), jobs_root=jobs_root, label="tiny job")
+    job = start_job(training(train_args(tmp_path, shakespeare_path, 8)), jobs_root=jobs_root, label="tiny job")
     assert job.state == "starting" and job.label == "tiny job" and job.pid
     assert job.argv[-2:] == ["--job-dir", str(jobs_root / job.job_id)]
 
@@ -127,7 +149,7 @@ def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client,
 
 @pytest.mark.slow
 def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root)
+    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root)
     running = wait_for(job.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     assert running.run_id is not None
 
@@ -147,7 +169,7 @@ def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_r
 
 @pytest.mark.slow
 def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root)
+    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root)
     started = wait_for(job.job_id, jobs_root, lambda j: j.run_id is not None)
     os.killpg(job.pgid, signal.SIGKILL)  # what an out-of-memory killer or `kill -9` does
 
@@ -166,7 +188,7 @@ def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_r
 def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, jobs_root, client, shakespeare_path):
     """A 2-process job: the launcher heads the group, rank 0 records the run; cancelling stops every process, and a
     job whose processes were SIGKILLed has its run ended KILLED although the run's pid tag names rank 0."""
-    job = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root, processes=2)
+    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root, processes=2)
     assert job.processes == 2 and "--nproc_per_node=2" in job.argv
     running = wait_for(job.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     assert running.trainer_pid not in (None, job.pid)  # rank 0 is a child of the launcher
@@ -183,7 +205,7 @@ def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, j
 
     # torchrun starts its workers in sessions of their own: killing the launcher's group does not reach them, so
     # they notice that their launcher is gone, stop after their step and end the run KILLED themselves.
-    second = start_job(train_args(tmp_path, shakespeare_path, 100_000), jobs_root=jobs_root, processes=2)
+    second = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root, processes=2)
     started = wait_for(second.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     workers = [p for p in psutil.Process(second.pid).children(recursive=True) if "pipelines.train" in p.cmdline()]
     assert len(workers) == 2
@@ -199,7 +221,7 @@ def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, j
 def test_bad_process_counts_are_refused_before_anything_starts(tmp_path, jobs_root, store_uri, shakespeare_path):
     for processes, message in ((0, "processes must be an integer from 1 to 64"), (65, "from 1 to 64")):
         with pytest.raises(UsageError, match=message):
-            start_job(train_args(tmp_path, shakespeare_path, 5), jobs_root=jobs_root, processes=processes)
+            start_job(training(train_args(tmp_path, shakespeare_path, 5)), jobs_root=jobs_root, processes=processes)
     assert not jobs_root.exists()
 
 
@@ -249,14 +271,12 @@ def test_reap_ends_a_killed_cli_run_killed(tmp_path, client, store_uri, shakespe
         (["--n-layer", "0"], "positive integer"),
         (["--dropout", "1.5"], "dropout"),
         (["--data", "/no/such/corpus.txt"], "corpus file not found"),
-        (["--help"], "--help"),
-        (["--job-dir", "/tmp/elsewhere"], "--job-dir"),
     ],
 )
 def test_bad_arguments_raise_and_spawn_nothing(tmp_path, jobs_root, store_uri, args, message):
     children_before = {p.pid for p in psutil.Process().children()}
     with pytest.raises(UsageError, match=message) as caught:
-        start_job(["--device", "cpu", *args], jobs_root=jobs_root, tracking_uri=store_uri)
+        start_job(training(["--device", "cpu", *args]), jobs_root=jobs_root, tracking_uri=store_uri)
     assert "\n" not in str(caught.value)
     assert not jobs_root.exists()
     assert {p.pid for p in psutil.Process().children()} <= children_before
@@ -367,7 +387,7 @@ def test_a_died_job_with_a_running_run_is_reconciled_once(tmp_path, client, stor
     def no_mlflow(*args):
         raise AssertionError("an already reconciled job asked MLflow again")
 
-    monkeypatch.setattr(jobs, "_reconcile", no_mlflow)
+    monkeypatch.setattr(job_control, "reconcile", no_mlflow)
     assert get_job(job_dir.name, tmp_path).state == "died"
 
 
@@ -504,8 +524,10 @@ def test_an_unreachable_tracking_server_is_tried_once_per_listing(tmp_path, gone
 
 def test_progress_is_written_at_most_twice_a_second_and_always_at_the_end(tmp_path, monkeypatch):
     writes = []
-    real_write = jobs._write_json
-    monkeypatch.setattr(jobs, "_write_json", lambda path, data: (writes.append(data["step"]), real_write(path, data)))
+    real_write = job_recorder.write_json
+    monkeypatch.setattr(
+        job_recorder, "write_json", lambda path, data: (writes.append(data["step"]), real_write(path, data))
+    )
     recorder = JobProgressRecorder(tmp_path, max_steps=2000, min_interval=0.5)
     recorder.on_train_start({"device": "cpu", "total_params": 10, "tokens_per_batch": 128})
     metrics = {"loss": 3.0, "avg_loss": 3.5, "best_loss": 2.9, "lr": 1e-3, "tokens_per_sec": 1e5, "time_per_batch": 0}
@@ -560,7 +582,7 @@ def test_reap_ends_only_this_hosts_running_runs_whose_process_is_gone(client, st
     garbled = run(**process(here, "x", "soon"))
     finished = run("FINISHED", **process(here, gone_pid, 1.0))
 
-    reaped = {r.run_id: r for r in jobs.reap_orphan_runs(store_uri)}
+    reaped = {r.run_id: r for r in reaper.reap_orphan_runs(store_uri)}
     assert {dead, reused} <= set(reaped)
     assert not {alive, elsewhere, untagged, legacy_job, garbled, finished} & set(reaped)
     assert reaped[dead].status == "KILLED" and reaped[dead].pid == gone_pid and reaped[dead].job_id is None
@@ -569,7 +591,7 @@ def test_reap_ends_only_this_hosts_running_runs_whose_process_is_gone(client, st
         assert ended.info.status == "KILLED" and ended.data.tags["error"].startswith("training process ")
     assert {client.get_run(r).info.status for r in (alive, elsewhere, untagged, legacy_job, garbled)} == {"RUNNING"}
     assert client.get_run(finished).info.status == "FINISHED"
-    assert not {dead, reused} & {r.run_id for r in jobs.reap_orphan_runs(store_uri)}  # done once
+    assert not {dead, reused} & {r.run_id for r in reaper.reap_orphan_runs(store_uri)}  # done once
     for run_id in (alive, elsewhere, untagged, legacy_job, garbled):  # not to be found by later tests' reaps
         client.set_terminated(run_id, "FINISHED")
 
@@ -593,12 +615,12 @@ def test_reap_reports_jobs_and_stores_it_could_not_check_and_still_does_the_rest
         run={"run_id": "0" * 32},
     )
     (tmp_path / "broken.db").write_text("this is not SQLite")
-    report = jobs.reap(tmp_path, tracking_uri=store_uri)
+    report = reaper.reap(tmp_path, tracking_uri=store_uri)
     [mine] = [r for r in report.reaped if r.job_id == died.name]
     assert (mine.run_id, mine.status, mine.reason) == (run_id, "KILLED", DIED_ERROR.format(pid=gone_pid))
     assert client.get_run(run_id).info.status == "KILLED"
     assert len(report.problems) == 1 and report.problems[0].startswith("job 20260101-000002-bbbbbb: could not check")
-    again = jobs.reap(tmp_path, tracking_uri=store_uri)
+    again = reaper.reap(tmp_path, tracking_uri=store_uri)
     assert died.name not in {r.job_id for r in again.reaped}  # reconciled once
     assert len(again.problems) == 1  # the broken store is tried again each time
 

@@ -405,6 +405,13 @@ def test_a_killed_sweep_resumes_with_its_parent_run_and_redoes_the_killed_trial(
     assert code == 2 and "sweep 'killed' is finished" in err
 
 
+def sweep_spec(argv: list[str]):
+    """The job a user of ``python -m pipelines.sweep <argv>`` would start (the CLI's own parsing and rules)."""
+    from pipelines.sweep import build_parser, make_spec
+
+    return make_spec(build_parser().parse_args(argv))
+
+
 @pytest.mark.slow
 def test_a_sweep_job_shows_its_trials_and_cancel_leaves_it_resumable(empty_store, tmp_path, tiny_corpus):
     from core.jobs import cancel_job, get_job, start_job
@@ -414,8 +421,8 @@ def test_a_sweep_job_shows_its_trials_and_cancel_leaves_it_resumable(empty_store
     args = [*TINY_ARGS, "--max-steps", "100000", "--data", str(tiny_corpus), "--name", "in-the-background"]
     args += ["--checkpoint-root", str(tmp_path / "ckpt"), "--param", "lr=loguniform:1e-3:1e-2", "--trials", "3"]
     with pytest.raises(UsageError, match="--param lr=loguniform:0:1: a loguniform range needs LOW > 0"):
-        start_job([*args[:-4], "--param", "lr=loguniform:0:1"], kind="sweep")
-    job = start_job(args, kind="sweep", label="sweep in-the-background")
+        start_job(sweep_spec([*args[:-4], "--param", "lr=loguniform:0:1"]))
+    job = start_job(sweep_spec(args), label="sweep in-the-background")
     assert job.kind == "sweep" and "pipelines.sweep" in job.argv
     seen = wait_for(lambda: (j := get_job(job.job_id)).sweep and j.sweep.get("trial_run_id") and j.progress and j)
     assert seen.sweep["trial_index"] == 1 and seen.sweep["n_trials"] == 3 and seen.state == "running"

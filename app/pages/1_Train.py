@@ -11,18 +11,17 @@ import studio_ui as ui
 import sweep_panel
 
 from core.config import (
-    BUDGET_PRESET,
     PRESETS,
     TINY_SHAKESPEARE_URL,
     DataConfig,
     ModelConfig,
     TrainConfig,
     parse_duration,
-    recipe_defaults,
 )
 from core.data import UPLOADS_FOLDER, store_upload
 from core.device import DEVICE_CHOICES
-from core.jobs import MAX_PROCESSES, cancel_job, delete_job, list_jobs, start_job
+from core.jobs import MAX_PROCESSES, TrainingJob, cancel_job, delete_job, list_jobs, start_job
+from core.recipes import BUDGET_PRESET, recipe_defaults, resolve_run_configs
 from core.store import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPO_ROOT, tracking_uri
 
 REFRESH_S = 2.0
@@ -277,42 +276,45 @@ else:
         "Time for max steps", duration(guess.total_seconds), help="an upper bound: the target loss may stop it sooner"
     )
 
+# The form's choices, resolved as the CLI resolves its flags (core.recipes): what the form does not set comes from the
+# preset's recipe or the trainer's defaults. Every trial of a sweep starts from them too.
+choices = {
+    "preset": preset,
+    "block_size": int(block),
+    "batch_size": int(batch),
+    "data": data_source,
+    "device": device,
+    "time_budget": budget_seconds,
+    "max_steps": int(max_steps),
+    "target_loss": float(target_loss),
+    "lr": float(lr),
+    "weight_decay": float(weight_decay),
+    "grad_clip": float(grad_clip),
+    "eval_interval": int(eval_interval),
+    "sample_interval": int(sample_interval),
+    "patience": int(patience) or None,
+    "seed": int(seed),
+    "experiment": experiment,
+    "run_name": run_name.strip() or None,
+    "register_as": register_as,
+    "alias": alias.strip() or None,
+    "register_best": register_best,
+}
 if submitted and time_budget.strip() and budget_seconds is None:
     st.error("Not started: fix the time budget first.")
 elif submitted:
-    args = ["--preset", preset, "--block-size", str(int(block)), "--batch-size", str(int(batch))]
-    if budget_seconds is not None:
-        args += ["--time-budget", f"{budget_seconds:g}s"]
-    args += ["--data", data_source, "--device", device, "--max-steps", str(int(max_steps))]
-    args += ["--target-loss", repr(float(target_loss)), "--lr", repr(float(lr))]
-    args += ["--weight-decay", repr(float(weight_decay)), "--grad-clip", repr(float(grad_clip))]
-    args += ["--eval-interval", str(int(eval_interval)), "--sample-interval", str(int(sample_interval))]
-    args += ["--seed", str(int(seed)), "--experiment", experiment, "--register-as", register_as]
-    if patience:
-        args += ["--patience", str(int(patience))]
-    if run_name.strip():
-        args += ["--run-name", run_name.strip()]
-    if alias.strip():
-        args += ["--alias", alias.strip()]
-    if register_best:
-        args.append("--register-best")
     job = ui.safely(
-        "The run was not started", start_job, args, label=run_name.strip() or None, processes=int(processes)
+        "The run was not started",
+        lambda: start_job(
+            TrainingJob(resolve_run_configs(choices)), label=run_name.strip() or None, processes=int(processes)
+        ),
     )
     st.toast(f"Started training job {job.job_id} (pid {job.pid})", icon="🚀")
 
 
 # --- sweeps: the form's settings are every trial's base settings (the trials' budget is the sweep's own) ------------
 
-sweep_base = ["--preset", preset, "--block-size", str(int(block)), "--batch-size", str(int(batch))]
-sweep_base += ["--data", data_source, "--device", device, "--max-steps", str(int(max_steps))]
-sweep_base += ["--target-loss", repr(float(target_loss)), "--lr", repr(float(lr))]
-sweep_base += ["--weight-decay", repr(float(weight_decay)), "--grad-clip", repr(float(grad_clip))]
-sweep_base += ["--eval-interval", str(int(eval_interval)), "--sample-interval", str(int(sample_interval))]
-sweep_base += ["--seed", str(int(seed)), "--experiment", experiment, "--register-as", register_as]
-if patience:
-    sweep_base += ["--patience", str(int(patience))]
-sweep_panel.sweep_section(sweep_base)
+sweep_panel.sweep_section({**choices, "time_budget": None, "run_name": None, "alias": None, "register_best": None})
 
 
 # --- the jobs -------------------------------------------------------------------------------------------------------
