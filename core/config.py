@@ -317,7 +317,7 @@ class TrainConfig(JsonConfig):
     """How many resumable checkpoints to keep: the newest; older ones are deleted once a newer one is written."""
     tie_unused_tokens: bool = False
     """Give every token the training split never uses one shared embedding row, and train the LM head over the used
-    tokens plus that row (:class:`core.model.SharedRows`): the same GPT-2, predicting the same probabilities, for a
+    tokens plus that row (:class:`core.lm_head.SharedRows`): the same GPT-2, predicting the same probabilities, for a
     head about 4x cheaper on Tiny Shakespeare. False trains all 50,257 rows (the reference)."""
     time_budget: float | None = None
     """Wall-clock seconds the run may take, evaluations, samples and checkpoints included: the trainer times its

@@ -11,7 +11,8 @@ import torch
 
 from core.budget import BudgetSchedule
 from core.config import TrainConfig
-from core.model import GPT, SharedRows
+from core.lm_head import SharedRows
+from core.model import GPT
 
 
 def autocast_for(device: torch.device):
@@ -90,7 +91,7 @@ def build_scheduler(
 
 class SharedRowsTraining(torch.nn.Module):
     """What training steps call with tied unused tokens: the GPT with its compact token rows (see
-    :class:`core.model.SharedRows`). A module of its own so that DDP and ``torch.compile`` see the rows as a
+    :class:`core.lm_head.SharedRows`). A module of its own so that DDP and ``torch.compile`` see the rows as a
     parameter; the GPT's full embedding weight is frozen meanwhile and written from the rows when it is needed."""
 
     def __init__(self, model: GPT, token_rows: torch.nn.Parameter, shared_rows: SharedRows) -> None:

@@ -44,6 +44,7 @@ from mlflow.exceptions import MlflowException
 from core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, read_checkpoint_config
 from core.errors import StudioError
 from core.model import GPT
+from core.model_code import stage_runtime_code
 from core.store import DEFAULT_MODEL_NAME
 
 STUDIO_FORMAT = "shakespeare-gpt-pyfunc"
@@ -61,7 +62,6 @@ CACHE_SIZE = 2
 """Loaded models kept in memory (a ``gpt2``-sized model is about 500 MB)."""
 
 _PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
-_CORE_DIR = Path(__file__).resolve().parent
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 _MLMODEL = "MLmodel"
@@ -265,7 +265,7 @@ def log_and_register(
             model_id=logged.model_id,
             python_model=str(_PYFUNC_MODEL_FILE),
             artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-            code_paths=[str(_CORE_DIR)],
+            code_paths=[str(stage_runtime_code(staged.parent / "code"))],
             signature=pyfunc_model.model_signature(),
             pip_requirements=_pip_requirements(),
             metadata={

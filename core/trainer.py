@@ -43,9 +43,10 @@ from core.errors import UsageError
 from core.estimate import training_flops_per_token
 from core.evaluation import bits_per_char, mean_loss
 from core.hf import load_hf_state_dict
+from core.lm_head import SharedRows
 from core.memorization import index_for
 from core.memory import TRAINING_OOM_HINT, friendly_oom
-from core.model import GPT, SharedRows, parameter_breakdown
+from core.model import GPT, parameter_breakdown
 from core.optim import (
     SharedRowsTraining,
     autocast_for,

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Progress goes to stderr line by line: no MLflow or transformers loading bars in between.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from core import benchmark
+    from pipelines import benchmarks as benchmark
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -240,12 +240,12 @@ def _has_transformers() -> bool:
 
 
 def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
-    from core import benchmark
     from core.config import DataConfig
     from core.data import prepare_corpus
     from core.registry import load_registered_model
     from core.store import connect
     from core.tokenizer import get_tokenizer
+    from pipelines import benchmarks as benchmark
 
     model, _, _ = load_registered_model(connect(), model_ref, device="cpu")
     corpus = prepare_corpus(DataConfig(source=args.data), get_tokenizer())
@@ -261,9 +261,9 @@ def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
 
 
 def _memorization_rows(model_ref: str | None, data, args, log: Callable[[str], None]) -> list:
-    from core import benchmark
     from core.data import prepare_corpus
     from core.tokenizer import get_tokenizer
+    from pipelines import benchmarks as benchmark
 
     model = None
     if model_ref is not None:

@@ -100,7 +100,7 @@ def _is_mlflow_error(exc: BaseException) -> bool:
 
 
 _SCALAR_TYPES = {"int": int, "float": float, "str": str}
-_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`")  # :class:`core.model.SharedRows` -> SharedRows
+_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`")  # :class:`core.lm_head.SharedRows` -> SharedRows
 
 
 @functools.cache

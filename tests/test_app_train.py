@@ -17,6 +17,12 @@ def corpus_env(monkeypatch, shakespeare_path):
     monkeypatch.setenv("SHAKESPEARE_SOURCE", str(shakespeare_path))
 
 
+@pytest.fixture
+def head_corpus_env(monkeypatch, shakespeare_head):
+    """The form's corpus is the head of Tiny Shakespeare: a job's evaluations take a moment, not a minute."""
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(shakespeare_head))
+
+
 def fill(app, **numbers):
     inputs = {n.label: n for n in app.number_input}
     for label, value in numbers.items():
@@ -136,7 +142,7 @@ def test_an_uploaded_corpus_is_stored_under_data_uploads_and_used(empty_store, c
 
 
 @pytest.mark.slow
-def test_a_started_job_runs_in_the_background_shows_progress_and_registers(empty_store, corpus_env, tmp_path):
+def test_a_started_job_runs_in_the_background_shows_progress_and_registers(empty_store, head_corpus_env, tmp_path):
     app = app_page(PAGE).run()
     app.selectbox[0].set_value("tiny").run()  # the form's fields follow the preset: fill tiny's
     fill(
@@ -187,7 +193,7 @@ def test_the_processes_field_starts_a_torchrun_job(empty_store, corpus_env, monk
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_job_and_the_run_ends_killed(empty_store, corpus_env):
+def test_cancel_stops_the_job_and_the_run_ends_killed(empty_store, head_corpus_env):
     from core.store import connect
 
     app = app_page(PAGE).run()
@@ -205,7 +211,7 @@ def test_cancel_stops_the_job_and_the_run_ends_killed(empty_store, corpus_env):
 
 
 @pytest.mark.slow  # the page times a few training steps for its estimate
-def test_a_died_job_shows_as_died_with_why_and_its_run_ends_killed(empty_store, corpus_env):
+def test_a_died_job_shows_as_died_with_why_and_its_run_ends_killed(empty_store, head_corpus_env):
     import json
     import sys
 

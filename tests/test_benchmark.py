@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import benchmark
 from core.config import ModelConfig
+from pipelines import benchmarks as benchmark
 from pipelines.cli import run
 from tests.conftest import TINY
 

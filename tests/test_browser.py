@@ -129,7 +129,7 @@ class Studio:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, shakespeare_path) -> Studio:
+def studio(tmp_path_factory, shakespeare_head) -> Studio:
     """``streamlit run app/Home.py`` as a user starts it, on a free loopback port, over a fresh SQLite store."""
     store = tmp_path_factory.mktemp("browser") / "store"
     store.mkdir()
@@ -140,7 +140,7 @@ def studio(tmp_path_factory, shakespeare_path) -> Studio:
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
-        "SHAKESPEARE_SOURCE": str(shakespeare_path),
+        "SHAKESPEARE_SOURCE": str(shakespeare_head),
         # Offline: the page would otherwise try to reach Streamlit's usage-statistics endpoint.
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     }

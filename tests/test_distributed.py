@@ -69,11 +69,11 @@ def test_without_torchrun_there_is_one_process_and_no_group(monkeypatch):
         DistContext(rank=2, world_size=2)
 
 
-def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(shakespeare_path):
+def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(shakespeare_head):
     """B=2 with 2 accumulated micro-batches and B=4 in one go: the same data, losses and weights."""
 
     def train(batch_size: int, grad_accum: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-        data = DataConfig(source=str(shakespeare_path), batch_size=batch_size, block_size=32)
+        data = DataConfig(source=str(shakespeare_head), batch_size=batch_size, block_size=32)
         config = TrainConfig(
             max_steps=4, target_loss=0, eval_interval=0, sample_interval=0, checkpoint_interval=0,
             grad_accum=grad_accum, device="cpu",
@@ -129,13 +129,13 @@ torch_dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_a_stop_that_lands_on_one_rank_after_the_collective_ends_every_rank_after_the_same_step(
-    tmp_path, shakespeare_path
+    tmp_path, shakespeare_head
 ):
     """Two processes of a gloo group; rank 1 is asked to stop after step 3's collective. The stop is carried by the
     next step's collective: both ranks leave after step 4. Leaving at step 3 on rank 1 alone would leave rank 0
     waiting in step 4's gradient all-reduce (a cancelled job that never ends)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    paths = [str(tmp_path / "store"), str(shakespeare_path), str(tmp_path)]
+    paths = [str(tmp_path / "store"), str(shakespeare_head), str(tmp_path)]
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     ranks = [
         subprocess.Popen([sys.executable, "-c", LATE_STOP_RANK, str(rank), *paths], cwd=REPO, env=env, **output)
@@ -210,7 +210,7 @@ def only_run(client, experiment: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("vocabulary", [[], ["--tie-unused-tokens"]], ids=["full-vocabulary", "shared-rows"])
 def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process(
-    tmp_path, shakespeare_path, vocabulary
+    tmp_path, shakespeare_head, vocabulary
 ):
     from mlflow import MlflowClient
 
@@ -218,10 +218,10 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     steps = 8
     common = ["--max-steps", str(steps), *vocabulary]
-    ddp = run_command(torchrun(2, train_argv(shakespeare_path, tmp_path, "ddp", *common, "--batch-size", "2")), env)
+    ddp = run_command(torchrun(2, train_argv(shakespeare_head, tmp_path, "ddp", *common, "--batch-size", "2")), env)
     run_command(
         [sys.executable, "-m", "pipelines.train",
-         *train_argv(shakespeare_path, tmp_path, "single", *common, "--batch-size", "4")], env,
+         *train_argv(shakespeare_head, tmp_path, "single", *common, "--batch-size", "4")], env,
     )  # fmt: skip
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global registry URI an earlier test set
@@ -255,7 +255,7 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_path):
+def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_head):
     """SIGINT to the launcher's process group, as Ctrl-C in a terminal sends it (the workers, in sessions of their
     own, hear of it from the launcher): the run ends KILLED with a checkpoint. Resuming with one process is refused;
     ``--resume`` under torchrun finishes the run, with one point per step, and registers it."""
@@ -264,7 +264,7 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     steps = 100  # seconds of margin after the first checkpoint, and a short resumed job
-    argv = train_argv(shakespeare_path, tmp_path, "ddp-stop", "--max-steps", str(steps), "--batch-size", "2",
+    argv = train_argv(shakespeare_head, tmp_path, "ddp-stop", "--max-steps", str(steps), "--batch-size", "2",
                       "--checkpoint-interval", "3", "--eval-interval", "0", "--log-interval", "1000")  # fmt: skip
     with background_job(torchrun(2, argv), env) as job:
         run_id = next((line.split()[-1] for line in job.stdout if line.startswith("mlflow run: ")), None)

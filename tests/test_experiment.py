@@ -15,6 +15,7 @@ from core.registry import load_registered_model, resolve_model_version
 from core.sampling import generate
 from core.store import connect
 from core.tracking import parse_samples
+from tests.conftest import store_from
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 STEP_METRICS = ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec")
@@ -46,8 +47,10 @@ def train(tmp_path, shakespeare_path, steps=12, **fields):
     return run_training(MODEL, data, train_config, tracking), connect(uri)
 
 
-def test_a_short_run_logs_every_step_and_registers_a_model(tmp_path, shakespeare_path, tokenizer):
-    outcome, client = train(tmp_path, shakespeare_path)
+def test_a_short_run_logs_every_step_and_registers_a_model(tmp_path, shakespeare_path, tokenizer, new_store):
+    new_store(tmp_path)
+    # The whole corpus (its facts are asserted below); 8 validation batches per evaluation, not all 280.
+    outcome, client = train(tmp_path, shakespeare_path, eval_batches=8)
     assert outcome.status == "FINISHED"
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -95,14 +98,16 @@ def test_a_short_run_logs_every_step_and_registers_a_model(tmp_path, shakespeare
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
-def test_a_high_target_loss_stops_the_run_early(tmp_path, shakespeare_path):
-    outcome, client = train(tmp_path, shakespeare_path, steps=50, target_loss=100.0)
+def test_a_high_target_loss_stops_the_run_early(tmp_path, shakespeare_head, new_store):
+    new_store(tmp_path)
+    outcome, client = train(tmp_path, shakespeare_head, steps=50, target_loss=100.0)
     assert outcome.result.stop_reason == "target_loss"
     assert len(client.get_metric_history(outcome.run_id, "loss")) == 1
     assert client.get_run(outcome.run_id).data.tags["stop_reason"] == "target_loss"
 
 
-def test_a_failure_ends_the_run_failed(tmp_path, shakespeare_path, monkeypatch):
+def test_a_failure_ends_the_run_failed(tmp_path, shakespeare_head, monkeypatch, new_store):
+    new_store(tmp_path)
     from core import trainer as trainer_module
 
     def explode(self, out_dir):
@@ -110,7 +115,7 @@ def test_a_failure_ends_the_run_failed(tmp_path, shakespeare_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module.Trainer, "fit", explode)
     with pytest.raises(RuntimeError, match="boom"):
-        train(tmp_path, shakespeare_path)
+        train(tmp_path, shakespeare_head)
     client = connect(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
@@ -197,9 +202,10 @@ def histories(client, run_id):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, small_corpus):
+def straight(tmp_path_factory, small_corpus, store_template):
     """The uninterrupted run the resumed ones must reproduce: (store URI, run id, metric histories)."""
     store = tmp_path_factory.mktemp("straight")
+    store_from(store_template, store)
     outcome = tracked(store, small_corpus)
     client = connect(f"sqlite:///{store}/mlflow.db")
     return f"sqlite:///{store}/mlflow.db", outcome.run_id, histories(client, outcome.run_id)
@@ -218,8 +224,11 @@ def assert_one_point_per_step_and_the_straight_values(resumed, straight_historie
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_sigterm_resumes_as_the_same_run_and_matches_a_straight_run(tmp_path, small_corpus, straight):
+def test_a_run_stopped_by_sigterm_resumes_as_the_same_run_and_matches_a_straight_run(
+    tmp_path, small_corpus, straight, new_store
+):
     _, _, expected = straight
+    new_store(tmp_path)
     stopped = tracked(tmp_path, small_corpus, [SignalAt(7)])
     assert stopped.status == "KILLED" and stopped.result.steps == 7
     client = connect(f"sqlite:///{tmp_path}/mlflow.db")
@@ -250,8 +259,11 @@ def test_a_run_stopped_by_sigterm_resumes_as_the_same_run_and_matches_a_straight
 
 
 @pytest.mark.slow
-def test_a_failed_run_resumes_from_its_last_checkpoint_without_logging_a_step_twice(tmp_path, small_corpus, straight):
+def test_a_failed_run_resumes_from_its_last_checkpoint_without_logging_a_step_twice(
+    tmp_path, small_corpus, straight, new_store
+):
     _, _, expected = straight
+    new_store(tmp_path)
     with pytest.raises(RuntimeError, match="lost the GPU"):
         tracked(tmp_path, small_corpus, [CrashAt(6)])
     uri = f"sqlite:///{tmp_path}/mlflow.db"

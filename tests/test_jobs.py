@@ -118,8 +118,8 @@ def group_exists(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(training(train_args(tmp_path, shakespeare_path, 8)), jobs_root=jobs_root, label="tiny job")
+def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client, shakespeare_head):
+    job = start_job(training(train_args(tmp_path, shakespeare_head, 8)), jobs_root=jobs_root, label="tiny job")
     assert job.state == "starting" and job.label == "tiny job" and job.pid
     assert job.argv[-2:] == ["--job-dir", str(jobs_root / job.job_id)]
 
@@ -148,8 +148,8 @@ def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client,
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root)
+def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_root, client, shakespeare_head):
+    job = start_job(training(train_args(tmp_path, shakespeare_head, 100_000)), jobs_root=jobs_root)
     running = wait_for(job.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     assert running.run_id is not None
 
@@ -168,8 +168,8 @@ def test_cancel_stops_the_process_group_and_ends_the_run_killed(tmp_path, jobs_r
 
 
 @pytest.mark.slow
-def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_root, client, shakespeare_path):
-    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root)
+def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_root, client, shakespeare_head):
+    job = start_job(training(train_args(tmp_path, shakespeare_head, 100_000)), jobs_root=jobs_root)
     started = wait_for(job.job_id, jobs_root, lambda j: j.run_id is not None)
     os.killpg(job.pgid, signal.SIGKILL)  # what an out-of-memory killer or `kill -9` does
 
@@ -185,10 +185,10 @@ def test_a_killed_process_shows_as_died_and_its_run_ends_killed(tmp_path, jobs_r
 
 
 @pytest.mark.slow
-def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, jobs_root, client, shakespeare_path):
+def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, jobs_root, client, shakespeare_head):
     """A 2-process job: the launcher heads the group, rank 0 records the run; cancelling stops every process, and a
     job whose processes were SIGKILLed has its run ended KILLED although the run's pid tag names rank 0."""
-    job = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root, processes=2)
+    job = start_job(training(train_args(tmp_path, shakespeare_head, 100_000)), jobs_root=jobs_root, processes=2)
     assert job.processes == 2 and "--nproc_per_node=2" in job.argv
     running = wait_for(job.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     assert running.trainer_pid not in (None, job.pid)  # rank 0 is a child of the launcher
@@ -205,7 +205,7 @@ def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, j
 
     # torchrun starts its workers in sessions of their own: killing the launcher's group does not reach them, so
     # they notice that their launcher is gone, stop after their step and end the run KILLED themselves.
-    second = start_job(training(train_args(tmp_path, shakespeare_path, 100_000)), jobs_root=jobs_root, processes=2)
+    second = start_job(training(train_args(tmp_path, shakespeare_head, 100_000)), jobs_root=jobs_root, processes=2)
     started = wait_for(second.job_id, jobs_root, lambda j: j.state == "running" and j.progress["step"] >= 1)
     workers = [p for p in psutil.Process(second.pid).children(recursive=True) if "pipelines.train" in p.cmdline()]
     assert len(workers) == 2
@@ -218,18 +218,18 @@ def test_a_torchrun_job_is_one_run_and_cancel_or_kill_ends_it_killed(tmp_path, j
     assert run.info.status == "KILLED"
 
 
-def test_bad_process_counts_are_refused_before_anything_starts(tmp_path, jobs_root, store_uri, shakespeare_path):
+def test_bad_process_counts_are_refused_before_anything_starts(tmp_path, jobs_root, store_uri, shakespeare_head):
     for processes, message in ((0, "processes must be an integer from 1 to 64"), (65, "from 1 to 64")):
         with pytest.raises(UsageError, match=message):
-            start_job(training(train_args(tmp_path, shakespeare_path, 5)), jobs_root=jobs_root, processes=processes)
+            start_job(training(train_args(tmp_path, shakespeare_head, 5)), jobs_root=jobs_root, processes=processes)
     assert not jobs_root.exists()
 
 
 @pytest.mark.slow
-def test_reap_ends_a_killed_cli_run_killed(tmp_path, client, store_uri, shakespeare_path, capsys):
+def test_reap_ends_a_killed_cli_run_killed(tmp_path, client, store_uri, shakespeare_head, capsys):
     """A `python -m pipelines.train` started in a terminal, not as a job, then killed with `kill -9`."""
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.train", *train_args(tmp_path, shakespeare_path, 100_000)],
+        [sys.executable, "-m", "pipelines.train", *train_args(tmp_path, shakespeare_head, 100_000)],
         cwd=REPO_ROOT,
         env={**os.environ, "MLFLOW_TRACKING_URI": store_uri, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,

@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from core.config import ModelConfig
-from core.model import (
-    GPT,
-    IGNORE_INDEX,
-    KVCache,
-    Linear,
-    SharedRows,
-    _loss_chunk_rows,
-    lm_head_cross_entropy,
-    parameter_breakdown,
-)
+from core.lm_head import IGNORE_INDEX, SharedRows, _loss_chunk_rows, lm_head_cross_entropy
+from core.model import GPT, KVCache, Linear, parameter_breakdown
 
 
 def test_gpt2_preset_has_exact_parameter_count_and_size():

@@ -25,6 +25,7 @@ from core.checkpoint import CheckpointError, save_checkpoint
 from core.config import SampleConfig
 from core.errors import StudioError
 from core.model import GPT
+from core.model_code import runtime_modules
 from core.pyfunc_model import PARAM_NAMES, prompts_from_input, sample_config_from_params
 from core.registry import RegistryError, log_and_register, parse_model_ref, resolve_model_version
 from core.store import DEFAULT_MODEL_NAME, connect, ensure_experiment
@@ -412,9 +413,15 @@ def _clean_env(store_uri: str) -> dict[str, str]:
 
 PYFUNC_SCRIPT = textwrap.dedent(
     """
-    import json, mlflow, pandas as pd
+    import json, os, sys
+    # The studio's editable install would find the repository's core anywhere: hide it, so that only the code the
+    # model ships can be imported.
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
+    import mlflow, pandas as pd
     from mlflow.exceptions import MlflowException
     model = mlflow.pyfunc.load_model("models:/shakespeare-gpt@champion")
+    import core
+    shipped = sorted(os.listdir(os.path.dirname(core.__file__)))
     out = model.predict(pd.DataFrame({"prompt": ["ROMEO:", "JULIET:"]}),
                         params={"max_new_tokens": 5, "num_samples": 2, "seed": 7})
     try:
@@ -422,7 +429,7 @@ PYFUNC_SCRIPT = textwrap.dedent(
         error = None
     except MlflowException as exc:
         error = exc.message
-    print(json.dumps({"rows": out.to_dict("records"), "error": error}))
+    print(json.dumps({"rows": out.to_dict("records"), "error": error, "core": core.__file__, "shipped": shipped}))
     """
 )
 
@@ -451,6 +458,11 @@ def test_mlflow_loads_the_pyfunc_without_pickle(store, tiny_checkpoint, tmp_path
     assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in rows)
     assert {r["seed"] for r in rows} == {7}
     assert answer["error"] == "temperature must be a number >= 0 (0 = greedy), got -1.0"
+    # The model brought its own runtime, and only that: no training loop, jobs or sweeps.
+    assert str(REPO) not in answer["core"]
+    shipped = {name.removesuffix(".py") for name in answer["shipped"] if name.endswith(".py")}
+    assert shipped == {"__init__", *runtime_modules()}
+    assert not {"trainer", "jobs", "sweep", "experiment"} & shipped
 
 
 def _free_port() -> int:

@@ -126,12 +126,12 @@ def _serve(mlflow_cli: str, store_uri: str, root: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(server, tmp_path_factory, shakespeare_path):
+def trained(server, tmp_path_factory, shakespeare_head):
     """One tiny training run tracked and registered through the server."""
     from core.experiment import run_training
 
     work = tmp_path_factory.mktemp("work")
-    data = DataConfig(source=str(shakespeare_path), cache_dir=str(work / "data"), batch_size=2, block_size=32)
+    data = DataConfig(source=str(shakespeare_head), cache_dir=str(work / "data"), batch_size=2, block_size=32)
     train = TrainConfig(
         max_steps=STEPS, eval_interval=4, sample_interval=0, sample_tokens=4, target_loss=0, device="cpu", lr=3e-3
     )
