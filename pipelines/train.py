@@ -6,6 +6,7 @@ Usage: python -m pipelines.train [--preset tiny|small|gpt2] [--max-steps N] [--t
        [--device D] [--seed S] [--checkpoint-root DIR] [--job-dir DIR] [--init-from HF_DIR [--context T]]
        [--pad-vocab N] [--compile] [--peak-tflops X] [--checkpoint-interval N] [--keep-checkpoints K] [--grad-accum N]
        python -m pipelines.train --resume RUN_ID [--checkpoint-root DIR] [--log-interval N] [--job-dir DIR]
+       python -m pipelines.train --spec JOB_DIR/spec.json [--job-dir JOB_DIR] [--log-interval N]
        torchrun --standalone --nproc_per_node=N -m pipelines.train [the same options]
 
 It stops when the running-average loss drops below --target-loss (default 0.1), at --max-steps (default 20,000),
@@ -38,8 +39,10 @@ of every batch: the global batch is batch size × --grad-accum × processes. Onl
 writes checkpoints and registers the model, so a job is one run (param world_size). A run started with N processes
 resumes with N.
 
-With --job-dir (used by the studio app's background jobs, see core/jobs.py) the run id, live progress and the
-outcome are also written to that folder, and the run is tagged with the job id and process id.
+With --job-dir (used by the studio app's background jobs, see core/jobs/) the run id, live progress and the
+outcome are also written to that folder, and the run is tagged with the job id and process id. A job's process
+takes its settings from the job's spec.json (--spec: the run's configs as JSON, or a run to resume), never from
+flags. Every other flag derives from a config field (core/config.py): its help is the field's docstring.
 """
 
 from __future__ import annotations

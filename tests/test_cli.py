@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from core.config import TrainConfig
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -415,6 +416,30 @@ def test_train_stopped_by_sigterm_resumes_in_a_new_process_as_the_same_run(tmp_p
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(stopped_at)
     for name in ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec"):
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(1, steps + 1)), name
+
+
+def test_a_training_spec_is_the_whole_setting_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert_usage_error(cli_in_process("pipelines.train", "--spec", str(tmp_path / "none.json")), "no such file")
+    spec = tmp_path / "spec.json"
+    spec.write_text("{not json")
+    assert_usage_error(cli_in_process("pipelines.train", "--spec", str(spec)), "not a readable JSON file")
+    spec.write_text('{"kind": "sweep"}')
+    assert_usage_error(cli_in_process("pipelines.train", "--spec", str(spec)), "not a training job's spec")
+    spec.write_text('{"kind": "train", "resume": "abc"}')
+    assert_usage_error(cli_in_process("pipelines.train", "--spec", str(spec), "--lr", "1"), "drop --lr")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_help_is_the_config_fields_docstrings_with_their_defaults():
+    from pipelines.cli import field_docs
+    from pipelines.train import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert field_docs(TrainConfig)["weight_decay"] in text and "(default 0.1)" in text
+    assert "Hard limit on optimizer steps; also the length of the OneCycle schedule. (default 20,000)" in text
+    assert "--tie-unused-tokens, --no-tie-unused-tokens" in text
+    assert "(default: the model's context)" in text  # a default the entry point derives, said in words
 
 
 def test_train_resume_errors_are_one_line_and_change_nothing(tmp_path, monkeypatch):

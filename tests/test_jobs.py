@@ -119,7 +119,11 @@ def group_exists(pgid: int) -> bool:
 
 @pytest.mark.slow
 def test_a_job_trains_registers_and_records_its_run(tmp_path, jobs_root, client, shakespeare_head):
-    job = start_job(training(train_args(tmp_path, shakespeare_head, 8)), jobs_root=jobs_root, label="tiny job")
+    spec = training(train_args(tmp_path, shakespeare_head, 8))
+    job = start_job(spec, jobs_root=jobs_root, label="tiny job")
+    # What the process runs is the spec on disk, rebuilt from JSON: never an argv.
+    assert json.loads((job.job_dir / "spec.json").read_text()) == spec.to_dict() == job.spec
+    assert job.argv[-4:] == ["--spec", str(job.job_dir / "spec.json"), "--job-dir", str(job.job_dir)]
     assert job.state == "starting" and job.label == "tiny job" and job.pid
     assert job.argv[-2:] == ["--job-dir", str(jobs_root / job.job_id)]
 
@@ -671,3 +675,18 @@ def test_the_jobs_cli_lists_a_table_and_json_and_refuses_unknown_jobs_in_one_lin
         code, _, err = run_cli(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
     assert [j.state for j in list_jobs(tmp_path)] == ["running", "died"]  # nothing was signalled
+
+
+# -- what a job runs: its spec ----------------------------------------------------------------------------------
+
+
+def test_a_training_spec_round_trips_and_is_a_new_run_or_a_resume(tmp_path, shakespeare_head):
+    spec = training(train_args(tmp_path, shakespeare_head, 5))
+    assert TrainingJob.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert TrainingJob.from_dict({"kind": "train", "resume": "abc"}) == TrainingJob(resume="abc")
+    with pytest.raises(UsageError, match="not both"):
+        TrainingJob(configs=spec.configs, resume="abc")
+    with pytest.raises(UsageError, match="not both"):
+        TrainingJob()
+    with pytest.raises(ValueError, match="not a training job's spec"):
+        TrainingJob.from_dict({"kind": "sweep"})

@@ -435,3 +435,19 @@ def test_a_sweep_job_shows_its_trials_and_cancel_leaves_it_resumable(empty_store
     assert trial_run.info.status == "KILLED" and trial_run.data.tags["sweep.state"] == "FAIL"
     assert [(t["state"], t["interrupted"]) for t in study_trials("in-the-background")] == [("FAIL", True)]
     assert plan_resume("in-the-background").parent_run_id == cancelled.run_id  # resumable
+
+
+def test_a_sweep_spec_round_trips_and_is_a_new_sweep_or_a_resume(shakespeare_path):
+    import json
+
+    from core.errors import UsageError
+    from core.sweep_jobs import SweepJob
+
+    spec = sweep_spec(["--trials", "2", "--param", "lr=loguniform:1e-4:1e-2", "--name", "round", "--data", "c.txt"])
+    assert SweepJob.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert spec.settings.name == "round" and spec.configs.data.source == "c.txt"
+    assert SweepJob.from_dict({"kind": "sweep", "resume": "round"}) == SweepJob(resume="round")
+    with pytest.raises(UsageError, match="not both"):
+        SweepJob(settings=spec.settings, configs=spec.configs, resume="round")
+    with pytest.raises(ValueError, match="not a sweep job's spec"):
+        SweepJob.from_dict({"kind": "train"})
