@@ -20,7 +20,8 @@ from core.errors import StudioError
 from core.jobs.control import absolute_tracking_uri, needs_reconcile, reconcile
 from core.jobs.layout import DIED_ERROR, RECONCILED_FILE, default_jobs_root, one_line, read_job, read_json
 from core.jobs.processes import process_alive
-from core.store import sqlite_path
+from core.store import all_pages, sqlite_path
+from core.store import client as store_client
 
 
 @dataclass
@@ -48,17 +49,6 @@ class ReapReport:
     """One line per store or job it could not check (e.g. an unreachable tracking server); empty if none."""
 
 
-def _all_pages(search, **kwargs) -> list:
-    """Every result of a paginated MLflow search call."""
-    results, token = [], None
-    while True:
-        page = search(page_token=token, **kwargs)
-        results.extend(page)
-        token = page.token
-        if not token:
-            return results
-
-
 def _number(text: str | None, kind: type) -> Any:
     try:
         return kind(text) if text is not None else None
@@ -75,10 +65,8 @@ def reap_orphan_runs(tracking_uri: str | None = None) -> list[Reaped]:
     without those tags (made by other tools, or before the tags existed), is never touched. Returns the runs it
     ended; MLflow errors and an unreachable server (:class:`core.store.StoreError`) raise.
     """
-    from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from core.store import check_server
     from core.store import tracking_uri as current_tracking_uri
     from core.tracking import HOST_TAG, PID_TAG, PROCESS_START_TAG
 
@@ -86,13 +74,11 @@ def reap_orphan_runs(tracking_uri: str | None = None) -> list[Reaped]:
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         return []  # no store, no runs (opening the URI would create an empty database)
-    if db is None and uri.startswith(("http://", "https://")):
-        check_server(uri)  # fails in seconds; MLflow's client would retry an unreachable server for minutes
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not core.store.connect: no global URI change
-    experiment_ids = [e.experiment_id for e in _all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)]
+    client = store_client(uri)  # not core.store.connect: no global URI change; a server is health-checked first
+    experiment_ids = [e.experiment_id for e in all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)]
     if not experiment_ids:
         return []
-    running = _all_pages(
+    running = all_pages(
         client.search_runs, experiment_ids=experiment_ids, filter_string="attributes.status = 'RUNNING'"
     )
     host = socket.gethostname()

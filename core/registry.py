@@ -45,7 +45,7 @@ from core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_che
 from core.errors import StudioError
 from core.model import GPT
 from core.model_code import stage_runtime_code
-from core.store import DEFAULT_MODEL_NAME
+from core.store import DEFAULT_MODEL_NAME, all_pages
 
 STUDIO_FORMAT = "shakespeare-gpt-pyfunc"
 """Value of ``studio_format`` in the MLmodel metadata of every model this studio logs."""
@@ -318,19 +318,8 @@ def set_alias(client, name: str, alias: str, version: int | str) -> ModelVersion
     return client.get_model_version(target.name, target.version)
 
 
-def _search_all(search, **kwargs) -> list:
-    """Every result of a paginated MLflow search call."""
-    results, token = [], None
-    while True:
-        page = search(page_token=token, **kwargs)
-        results.extend(page)
-        token = page.token
-        if not token:
-            return results
-
-
 def _registered_names(client) -> list[str]:
-    return sorted(m.name for m in _search_all(client.search_registered_models))
+    return sorted(m.name for m in all_pages(client.search_registered_models))
 
 
 def _train_hint(name: str) -> str:
@@ -356,7 +345,7 @@ def resolve_model_version(client, ref: str | ModelRef) -> ModelVersion:
     if model is None:
         raise RegistryError(_unknown_model_message(client, ref.name))
     numbers = sorted(
-        int(v.version) for v in _search_all(client.search_model_versions, filter_string=f"name = '{ref.name}'")
+        int(v.version) for v in all_pages(client.search_model_versions, filter_string=f"name = '{ref.name}'")
     )
     if not numbers:
         raise RegistryError(f"model {ref.name!r} has no versions yet: train one with {_train_hint(ref.name)}")
@@ -386,7 +375,7 @@ def list_registered_models(client) -> pd.DataFrame:
     """
     columns = ["name", "version", "aliases", "run_id", "created", "status", "description"]
     aliases: dict[tuple[str, int], list[str]] = {}
-    for model in _search_all(client.search_registered_models):
+    for model in all_pages(client.search_registered_models):
         for alias, version in (model.aliases or {}).items():
             aliases.setdefault((model.name, int(version)), []).append(alias)
     rows = [
@@ -399,7 +388,7 @@ def list_registered_models(client) -> pd.DataFrame:
             "status": v.status,
             "description": v.description or "",
         }
-        for v in _search_all(client.search_model_versions)
+        for v in all_pages(client.search_model_versions)
     ]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import UsageError
+from core.store import all_pages
 
 RUN_COLUMNS = ["run_id", "run_name", "experiment_id", "status", "start_time", "end_time", "duration_s"]
 """The columns :func:`list_runs` always returns, before the ``params.*``, ``metrics.*`` and ``tags.*`` ones."""
@@ -52,7 +53,7 @@ def list_experiments(client) -> pd.DataFrame:
     """
     from mlflow.entities import ViewType
 
-    experiments = _paged(lambda token: client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token))
+    experiments = all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)
     if not experiments:
         return _empty(EXPERIMENT_COLUMNS, last_update="datetime64[ms, UTC]", run_count="int64")
     counts = dict.fromkeys((e.experiment_id for e in experiments), 0)
@@ -92,10 +93,7 @@ def list_runs(client, experiment_ids: list[str] | None = None, max_results: int 
     if experiment_ids is None:
         from mlflow.entities import ViewType
 
-        experiment_ids = [
-            e.experiment_id
-            for e in _paged(lambda token: client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token))
-        ]
+        experiment_ids = [e.experiment_id for e in all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)]
     experiment_ids = [str(e) for e in experiment_ids]
     runs = _search_runs(client, experiment_ids, max_results=max_results) if experiment_ids else []
     if not runs:
@@ -304,17 +302,6 @@ def params_table(runs: pd.DataFrame, only_differing: bool = False) -> pd.DataFra
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-def _paged(search: Callable[[str | None], list]) -> list:
-    """Every item of a paged MLflow search (``search(page_token)`` returns a PagedList)."""
-    items, token = [], None
-    while True:
-        page = search(token)
-        items.extend(page)
-        token = page.token
-        if not token:
-            return items
 
 
 def _search_runs(client, experiment_ids: list[str], max_results: int | None) -> list:

@@ -121,3 +121,26 @@ def ensure_experiment(client, name: str = DEFAULT_EXPERIMENT) -> str:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+
+
+def client(uri: str | None = None):
+    """An ``MlflowClient`` for store ``uri`` (default: :func:`tracking_uri`) that changes no global state: for code
+    that must not redirect the process's fluent MLflow calls (reconciling a job's run in its own store, reaping).
+    A tracking server gets the quick health check first (:class:`StoreError` when it does not answer)."""
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        check_server(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def all_pages(search, **kwargs) -> list:
+    """Every result of a paged MLflow search call (``search(page_token=..., **kwargs)`` returns a PagedList)."""
+    results, token = [], None
+    while True:
+        page = search(page_token=token, **kwargs)
+        results.extend(page)
+        token = page.token
+        if not token:
+            return results

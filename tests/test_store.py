@@ -75,3 +75,33 @@ def test_a_server_is_checked_through_its_health_endpoint(status, ok):
     finally:
         server.shutdown()
     assert seen == ["/health"]
+
+
+def test_a_client_for_another_store_changes_no_global_uri(tmp_path, new_store):
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+    other = new_store(tmp_path / "other")
+    client = store.client(other)
+    client.create_experiment("elsewhere")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
+    assert client.tracking_uri == other
+    with pytest.raises(StoreError, match="cannot reach the MLflow tracking server"):
+        store.client("http://127.0.0.1:9")
+
+
+def test_all_pages_follows_the_page_tokens():
+    class Page(list):
+        def __init__(self, items, token):
+            super().__init__(items)
+            self.token = token
+
+    pages = {None: Page([1, 2], "a"), "a": Page([3], "b"), "b": Page([4], None)}
+    calls = []
+
+    def search(page_token=None, **kwargs):
+        calls.append((page_token, kwargs))
+        return pages[page_token]
+
+    assert store.all_pages(search, max_results=2) == [1, 2, 3, 4]
+    assert calls == [(None, {"max_results": 2}), ("a", {"max_results": 2}), ("b", {"max_results": 2})]

@@ -44,6 +44,7 @@ from core.jobs.processes import (
 )
 from core.jobs.spec import JobSpec
 from core.store import REPO_ROOT, sqlite_path
+from core.store import client as store_client
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -147,10 +148,8 @@ def needs_reconcile(info: JobInfo) -> bool:
 
 def reconcile(info: JobInfo) -> JobInfo:
     """End the MLflow run of an ended job if it is still RUNNING; raises if the store cannot be reached."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from core.store import check_server
     from core.tracking import PID_TAG
 
     uri = info.tracking_uri
@@ -159,9 +158,7 @@ def reconcile(info: JobInfo) -> JobInfo:
         # No store to fix (it was removed): opening the URI would create an empty database instead.
         write_json(info.job_dir / RECONCILED_FILE, {"run_status": None, "note": f"tracking store {uri} is gone"})
         return read_job(info.job_dir)
-    if db is None and uri.startswith(("http://", "https://")):
-        check_server(uri)  # fails in seconds; MLflow's client would retry an unreachable server for minutes
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not core.store.connect: no global URI change
+    client = store_client(uri)  # not core.store.connect: no global URI change; a server is health-checked first
     try:
         run = client.get_run(info.run_id)
     except MlflowException as exc:
