@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.names import check_alias, check_model_name
+
 GPT2_VOCAB_SIZE = 50257
 """Size of the GPT-2 BPE vocabulary (tiktoken ``gpt2``)."""
 
@@ -38,8 +40,6 @@ _DURATION = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(s|sec|m|min|h)?\s*
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_ALIAS = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]{0,127}")
-_RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -424,16 +424,6 @@ class TrackingConfig(JsonConfig):
             f"parent run id {self.parent_run_id!r} is invalid: expected an MLflow run id",
         )
         _require(isinstance(self.register, bool), f"register must be true or false, got {self.register!r}")
-        _require(
-            isinstance(self.register_as, str) and _NAME.fullmatch(self.register_as) is not None,
-            f"model name {self.register_as!r} is invalid: use letters, digits, '-', '_' or '.'",
-        )
-        _require(
-            self.alias is None or (isinstance(self.alias, str) and _ALIAS.fullmatch(self.alias) is not None),
-            f"alias {self.alias!r} is invalid: use letters, digits, '-' or '_', not starting with a digit",
-        )
-        # Refused now, not by the registry after the whole training: MLflow keeps these for itself.
-        _require(
-            self.alias is None or _RESERVED_ALIAS.fullmatch(self.alias) is None,
-            f"alias {self.alias!r} is reserved by MLflow ('latest' and 'v<number>'); choose another, e.g. champion",
-        )
+        check_model_name(self.register_as)
+        if self.alias is not None:  # refused now, not by the registry after the whole training
+            check_alias(self.alias)

@@ -19,7 +19,6 @@ with a pickled python model, and loads only ``model.safetensors`` and ``config.j
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -42,9 +41,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, read_checkpoint_config
-from core.errors import StudioError
+from core.errors import StudioError, UsageError
 from core.model import GPT
 from core.model_code import stage_runtime_code
+from core.names import check_alias, check_model_name
 from core.store import DEFAULT_MODEL_NAME, all_pages
 
 STUDIO_FORMAT = "shakespeare-gpt-pyfunc"
@@ -62,8 +62,6 @@ CACHE_SIZE = 2
 """Loaded models kept in memory (a ``gpt2``-sized model is about 500 MB)."""
 
 _PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
-_ALIAS_RE = re.compile(r"^[\w\-]+$")
-_RESERVED_ALIAS_RE = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 _MLMODEL = "MLmodel"
 
 
@@ -87,27 +85,20 @@ class ModelRef:
         return self.name
 
 
-def _check_name(name: str) -> str:
-    """``name`` stripped, if usable as a registered model name here; else :class:`RegistryError`."""
-    if not isinstance(name, str) or not name.strip():
-        raise RegistryError("the model name is empty; give a registered model name, e.g. 'shakespeare-gpt'")
-    name = name.strip()
-    # '/' and ':' are refused by MLflow itself; '@' would make references ambiguous and quotes break search filters.
-    bad = sorted({c for c in name if c in "/:@'\""})
-    if bad:
-        raise RegistryError(f"invalid model name {name!r}: it cannot contain {' '.join(bad)}")
-    return name
+def _check_name(name: str, *, new: bool = False) -> str:
+    """:func:`core.names.check_model_name` as a :class:`RegistryError` (existing names by default)."""
+    try:
+        return check_model_name(name, new=new)
+    except UsageError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _check_alias(alias: str) -> str:
-    """``alias`` if MLflow accepts it as a registered model alias; else :class:`RegistryError` saying why."""
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias) or len(alias) > 255:
-        raise RegistryError(
-            f"invalid alias {alias!r}: use 1-255 letters, digits, '_' or '-' (e.g. 'champion', 'challenger')"
-        )
-    if _RESERVED_ALIAS_RE.match(alias):
-        raise RegistryError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved by MLflow")
-    return alias
+    """:func:`core.names.check_alias` as a :class:`RegistryError`."""
+    try:
+        return check_alias(alias)
+    except UsageError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def parse_model_ref(ref: str) -> ModelRef:
@@ -226,7 +217,7 @@ def log_and_register(
 
     from core import pyfunc_model
 
-    name = _check_name(name)
+    name = _check_name(name, new=True)
     if alias is not None:
         alias = _check_alias(alias)
     checkpoint_dir = Path(checkpoint_dir).resolve()
