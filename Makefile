@@ -37,5 +37,6 @@ app: data
 lint: setup
 	$(PY) -m ruff check app core pipelines tests
 
+# One worker per CPU core, each taking whole test files (module fixtures such as a tracking server start once).
 test: lint data
-	SHAKESPEARE_SOURCE="$(DATA_SOURCE)" $(PY) -m pytest
+	SHAKESPEARE_SOURCE="$(DATA_SOURCE)" $(PY) -m pytest -n auto --dist loadfile
