@@ -124,8 +124,9 @@ class SweepJobRecorder(JobRecorder):
         return SweepJobObserver(self.job_dir)
 
     def record_sweep_outcome(self, outcome: SweepOutcome, exit_code: int) -> None:
-        """Record a sweep that returned, and the exit code the process is about to exit with."""
-        self._record(
+        """Record a sweep that returned, and the exit code the process is about to exit with: the parent run,
+        the best trial's registered version (if any), why it stopped; run_sweep ended the parent run already."""
+        self.record_returned(
             status=outcome.status,
             exit_code=exit_code,
             run_id=outcome.parent_run_id,
@@ -133,8 +134,6 @@ class SweepJobRecorder(JobRecorder):
             model_version=outcome.model_version,
             stop_reason=outcome.stop_reason,
             steps=None,
-            error=None,
-            run_ended=True,  # run_sweep ends the parent run before it returns
         )
 
 

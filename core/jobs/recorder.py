@@ -139,7 +139,7 @@ class JobRecorder:
 
     def record_outcome(self, outcome: TrainingOutcome, exit_code: int) -> None:
         """Record a training that returned, and the exit code the process is about to exit with."""
-        self._record(
+        self.record_returned(
             status=outcome.status,
             exit_code=exit_code,
             run_id=outcome.run_id,
@@ -147,9 +147,12 @@ class JobRecorder:
             model_version=outcome.model_version,
             stop_reason=outcome.result.stop_reason,
             steps=outcome.result.steps,
-            error=None,
-            run_ended=True,  # run_training ends the run before it returns
         )
+
+    def record_returned(self, **fields) -> None:
+        """Record work that returned (its ``status``, ``exit_code``, ``run_id``, ``model_name``, ``model_version``,
+        ``stop_reason`` and ``steps``): no error, and the run already ended by the process itself."""
+        self._record(**fields, error=None, run_ended=True)
 
     def _record(self, **fields) -> None:
         write_json(self.job_dir / RESULT_FILE, {**fields, "ended_at": time.time()})
