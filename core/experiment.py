@@ -44,7 +44,7 @@ from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_t
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.distributed import SINGLE, DistContext, broadcast_text, watch_launcher
 from core.errors import UsageError
-from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, sqlite_path
+from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, existing_run
 from core.store import tracking_uri as current_tracking_uri
 from core.tracking import MlflowLogger, log_params, parse_samples, process_tags, run_tags
 from core.trainer import Trainer
@@ -300,21 +300,16 @@ def find_resume_point(
     :class:`CheckpointError` for a run with no resumable checkpoint, or one that is corrupt or does not match the
     run's logged params (``world_size`` processes included: a run resumes with as many as it was started with).
     """
-    from mlflow.exceptions import MlflowException
 
     if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
         raise UsageError(f"invalid run id {run_id!r}: expected the id MLflow printed, e.g. 0123456789abcdef…")
     uri = tracking_uri or current_tracking_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():  # connecting would create an empty store: say so instead
-        raise UsageError(f"no MLflow run {run_id}: the tracking store {uri} does not exist")
-    client = connect(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise UsageError(f"no MLflow run {run_id} in {uri}") from None
+    client, run = existing_run(
+        uri,
+        run_id,
+        no_store=f"no MLflow run {run_id}: the tracking store {uri} does not exist",
+        no_run=f"no MLflow run {run_id} in {uri}",
+    )
     status = run.info.status
     if run.info.lifecycle_stage == "deleted":
         raise UsageError(f"run {run_id} is deleted; restore it before resuming")

@@ -144,3 +144,23 @@ def all_pages(search, **kwargs) -> list:
         token = page.token
         if not token:
             return results
+
+
+def existing_run(uri: str, run_id: str, *, no_store: str, no_run: str):
+    """``(client, run)`` for run ``run_id`` of store ``uri``, never creating a store: a SQLite store that does not
+    exist raises ``UsageError(no_store)`` and an unknown run ``UsageError(no_run)`` (the caller says what the run was
+    for); any other MLflow error is the store's and propagates."""
+    from mlflow.exceptions import MlflowException
+
+    from core.errors import UsageError
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # connecting would create an empty store: say so instead
+        raise UsageError(no_store)
+    client = connect(uri)
+    try:
+        return client, client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise UsageError(no_run) from None

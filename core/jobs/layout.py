@@ -90,7 +90,7 @@ class JobInfo:
     processes: int = 1
     """Training processes of the job (more than one: started through torchrun)."""
     kind: str = "train"
-    """A key of :data:`JOB_MODULES`: one training run, or a sweep of them."""
+    """What the job runs, its spec's ``kind``: ``train`` (one training run) or ``sweep`` (a sweep of them)."""
     sweep: dict | None = None
     """A sweep job's ``sweep.json`` (see :mod:`core.sweep_jobs`); None for a training job, or before it exists."""
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.errors import UsageError
-from core.store import sqlite_path
 from core.sweep.settings import SweepSettings, default_storage, existing_study_id
 from core.sweep.space import SHAPE_FIELDS, check_space
 
@@ -81,9 +80,8 @@ def plan_resume(
     """Check that sweep ``name`` can go on, with its stored settings (``n_trials`` and ``time_budget``, when given,
     replace the stored ones). Refused (:class:`UsageError`): no such study, a finished sweep, or one whose process
     still runs. Creates and changes nothing."""
-    from mlflow.exceptions import MlflowException
 
-    from core.store import connect
+    from core.store import existing_run
     from core.store import tracking_uri as current_tracking_uri
     from core.tracking import HOST_TAG, PID_TAG
 
@@ -104,16 +102,12 @@ def plan_resume(
         raise UsageError(f"study {name!r} in {storage} was not made by pipelines.sweep ({exc})") from None
     changes = {k: v for k, v in (("n_trials", n_trials), ("time_budget", time_budget)) if v is not None}
     settings = dataclasses.replace(settings, **changes)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise UsageError(f"sweep {name!r} has its runs in another tracking store: {uri} does not exist")
-    client = connect(uri)
-    try:
-        parent = client.get_run(parent_run_id)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise UsageError(f"sweep {name!r}: its parent run {parent_run_id} is not in {uri}") from None
+    _, parent = existing_run(
+        uri,
+        parent_run_id,
+        no_store=f"sweep {name!r} has its runs in another tracking store: {uri} does not exist",
+        no_run=f"sweep {name!r}: its parent run {parent_run_id} is not in {uri}",
+    )
     status = parent.info.status
     if parent.info.lifecycle_stage == "deleted":
         raise UsageError(f"sweep {name!r}: its parent run {parent_run_id} is deleted; restore it to resume")
