@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import signal
 import tempfile
@@ -44,7 +43,7 @@ from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_t
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.distributed import SINGLE, DistContext, broadcast_text, watch_launcher
 from core.errors import UsageError
-from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, existing_run
+from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, existing_run, quiet_artifacts
 from core.store import tracking_uri as current_tracking_uri
 from core.tracking import MlflowLogger, log_params, parse_samples, process_tags, run_tags
 from core.trainer import Trainer
@@ -446,16 +445,6 @@ def _logged_samples(client, run_id: str) -> list[tuple[int, str]]:
     """The samples in the run's ``samples.txt`` artifact (none when it has none)."""
     if "samples.txt" not in {a.path for a in client.list_artifacts(run_id)}:
         return []
-    # MLflow draws a progress bar on the terminal for every download, even of one small file.
-    switch = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    previous = os.environ.get(switch)
-    os.environ[switch] = "false"
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            path = client.download_artifacts(run_id, "samples.txt", scratch)
-            return parse_samples(Path(path).read_text(encoding="utf-8"))
-    finally:
-        if previous is None:
-            os.environ.pop(switch, None)
-        else:
-            os.environ[switch] = previous
+    with quiet_artifacts(), tempfile.TemporaryDirectory() as scratch:
+        path = client.download_artifacts(run_id, "samples.txt", scratch)
+        return parse_samples(Path(path).read_text(encoding="utf-8"))

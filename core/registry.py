@@ -45,7 +45,7 @@ from core.errors import StudioError, UsageError
 from core.model import GPT
 from core.model_code import stage_runtime_code
 from core.names import check_alias, check_model_name
-from core.store import DEFAULT_MODEL_NAME, all_pages
+from core.store import DEFAULT_MODEL_NAME, all_pages, fluent_tracking_uri, quiet_artifacts
 
 STUDIO_FORMAT = "shakespeare-gpt-pyfunc"
 """Value of ``studio_format`` in the MLmodel metadata of every model this studio logs."""
@@ -123,29 +123,6 @@ def parse_model_ref(ref: str) -> ModelRef:
             raise RegistryError(f"model reference {ref!r}: the version must be a positive number, e.g. {name}/1")
         return ModelRef(_check_name(name), version=int(version))
     return ModelRef(_check_name(text))
-
-
-@contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``uri`` for the block, then restore it (and its env variable).
-
-    ``Model.log`` creates its logged model through the global URI; this keeps it on the caller's client's store.
-    """
-    previous = mlflow.get_tracking_uri()
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    if previous == uri:
-        yield
-        return
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        # set_tracking_uri also exports MLFLOW_TRACKING_URI; leave the environment as we found it.
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @contextmanager
@@ -231,57 +208,60 @@ def log_and_register(
             raise  # the store itself failed: not a user mistake
         raise RegistryError(f"run {run_id!r} was not found in {client.tracking_uri}") from exc
 
-    with (
-        _fluent_tracking_uri(client.tracking_uri),
-        _staged_checkpoint(checkpoint_dir) as staged,
-        warnings.catch_warnings(),
-    ):
-        # The logged model is created here, in the run's experiment and linked to the run: Model.log would
-        # otherwise put it in the fluent "current" experiment when the run is not the active one.
-        logged = client.create_logged_model(
-            experiment_id=run.info.experiment_id,
-            name=MODEL_NAME_IN_RUN,
-            source_run_id=run_id,
-            params={k: str(v) for k, v in run.data.params.items()},
-        )
-        # The signature is given on purpose; an input example would run a generation at log time.
-        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        # Model.log is what mlflow.pyfunc.log_model calls, but it also takes run_id: the model is attached to
-        # this run whether or not it is the active one, and no run is started or ended as a side effect.
-        info = Model.log(
-            artifact_path=None,  # deprecated in favour of name, but still a required positional parameter
-            name=MODEL_NAME_IN_RUN,
-            flavor=mlflow.pyfunc,
+    # MLflow resolves the logged model through its global URI twice: Model.log creates it there, and a SQLite
+    # registry's create_model_version looks it up there. Both must see this client's store.
+    with fluent_tracking_uri(client.tracking_uri):
+        with (
+            quiet_artifacts(),
+            _staged_checkpoint(checkpoint_dir) as staged,
+            warnings.catch_warnings(),
+        ):
+            # The logged model is created here, in the run's experiment and linked to the run: Model.log would
+            # otherwise put it in the fluent "current" experiment when the run is not the active one.
+            logged = client.create_logged_model(
+                experiment_id=run.info.experiment_id,
+                name=MODEL_NAME_IN_RUN,
+                source_run_id=run_id,
+                params={k: str(v) for k, v in run.data.params.items()},
+            )
+            # The signature is given on purpose; an input example would run a generation at log time.
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+            # Model.log is what mlflow.pyfunc.log_model calls, but it also takes run_id: the model is attached to
+            # this run whether or not it is the active one, and no run is started or ended as a side effect.
+            info = Model.log(
+                artifact_path=None,  # deprecated in favour of name, but still a required positional parameter
+                name=MODEL_NAME_IN_RUN,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(_PYFUNC_MODEL_FILE),
+                artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+                code_paths=[str(stage_runtime_code(staged.parent / "code"))],
+                signature=pyfunc_model.model_signature(),
+                pip_requirements=_pip_requirements(),
+                metadata={
+                    "studio_format": STUDIO_FORMAT,
+                    "studio_format_version": STUDIO_FORMAT_VERSION,
+                    "model_config": config.to_dict(),
+                },
+            )
+        try:
+            client.create_registered_model(name, description="Shakespeare-style GPT-2 text generator (studio model)")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name=name,
+            source=info.model_uri,
             run_id=run_id,
-            model_id=logged.model_id,
-            python_model=str(_PYFUNC_MODEL_FILE),
-            artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-            code_paths=[str(stage_runtime_code(staged.parent / "code"))],
-            signature=pyfunc_model.model_signature(),
-            pip_requirements=_pip_requirements(),
-            metadata={
-                "studio_format": STUDIO_FORMAT,
-                "studio_format_version": STUDIO_FORMAT_VERSION,
-                "model_config": config.to_dict(),
-            },
+            description=description,
+            model_id=info.model_id,
+            await_creation_for=await_seconds,
         )
-    try:
-        client.create_registered_model(name, description="Shakespeare-style GPT-2 text generator (studio model)")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        name=name,
-        source=info.model_uri,
-        run_id=run_id,
-        description=description,
-        model_id=info.model_id,
-        await_creation_for=await_seconds,
-    )
-    version = _wait_until_ready(client, name, version.version, await_seconds)
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version.version)
-        version = client.get_model_version(name, version.version)
+        version = _wait_until_ready(client, name, version.version, await_seconds)
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, version.version)
+            version = client.get_model_version(name, version.version)
     return version
 
 
@@ -404,11 +384,14 @@ def _fetch(client, base_uri: str, relative: str, into: Path) -> Path:
         return local / relative
     target = into / PurePosixPath(relative).parent
     target.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{base_uri.rstrip('/')}/{relative}", dst_path=str(target), tracking_uri=client.tracking_uri
+    with quiet_artifacts():
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base_uri.rstrip('/')}/{relative}",
+                dst_path=str(target),
+                tracking_uri=client.tracking_uri,
+            )
         )
-    )
 
 
 def check_studio_mlmodel(document: Any, where: str) -> str:

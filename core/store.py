@@ -12,6 +12,8 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.errors import StudioError
@@ -83,34 +85,19 @@ def check_server(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> None:
 
 
 def connect(uri: str | None = None):
-    """Point MLflow at ``uri`` (default: :func:`tracking_uri`), creating the local folder if needed.
+    """An ``MlflowClient`` for store ``uri`` (default: :func:`tracking_uri`), creating a SQLite store's folder if
+    needed. Changes no global state: MLflow's fluent URIs and ``MLFLOW_TRACKING_URI`` stay as they were, so one
+    process can work on several stores (the code that needs the fluent API sets it for one block, see
+    :func:`core.registry.log_and_register`).
 
-    Returns an ``MlflowClient`` for that store. Raises :class:`StoreError` for a tracking server that does not
-    answer within :data:`SERVER_CHECK_TIMEOUT_S`, or a URI scheme MLflow cannot use.
+    Raises :class:`StoreError` for a tracking server that does not answer within :data:`SERVER_CHECK_TIMEOUT_S`.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = uri or tracking_uri()
-    scheme = urllib.parse.urlparse(uri).scheme
-    db = sqlite_path(uri)
+    db = sqlite_path(uri or tracking_uri())
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         # MLflow announces creating and migrating the tables at INFO on every first use; not news to a user.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    elif scheme in ("http", "https"):
-        check_server(uri)
-    # MLflow's setters also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which would make a later connect()
-    # without a URI (and every child process) use this store instead of the user's: keep the environment as it was.
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client(uri)
 
 
 def ensure_experiment(client, name: str = DEFAULT_EXPERIMENT) -> str:
@@ -124,15 +111,56 @@ def ensure_experiment(client, name: str = DEFAULT_EXPERIMENT) -> str:
 
 
 def client(uri: str | None = None):
-    """An ``MlflowClient`` for store ``uri`` (default: :func:`tracking_uri`) that changes no global state: for code
-    that must not redirect the process's fluent MLflow calls (reconciling a job's run in its own store, reaping).
-    A tracking server gets the quick health check first (:class:`StoreError` when it does not answer)."""
+    """An ``MlflowClient`` for store ``uri`` (default: :func:`tracking_uri`) that creates nothing: for code that works
+    on a store that must already exist (reconciling a job's run, reaping). A tracking server gets the quick health
+    check first (:class:`StoreError` when it does not answer)."""
     from mlflow import MlflowClient
 
     uri = uri or tracking_uri()
     if urllib.parse.urlparse(uri).scheme in ("http", "https"):
         check_server(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def quiet_artifacts() -> Iterator[None]:
+    """Artifact uploads and downloads in the block draw no progress bar: MLflow draws one on the terminal for every
+    transfer, even of one small file, which would break into the trainer's and the CLIs' output."""
+    switch = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(switch)
+    os.environ[switch] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = previous
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``uri`` for the block, then put back exactly what was there.
+
+    For the few MLflow calls that only use the global URI (``Model.log`` creates its logged model through it): the
+    block works on the caller's store, and the process's other clients are unaffected after it.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # The URI set explicitly (None when MLflow follows MLFLOW_TRACKING_URI): restoring get_tracking_uri()'s value
+    # instead would pin the process to this moment's store. MLflow's setter also exports the variable: restored too.
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def all_pages(search, **kwargs) -> list:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +161,23 @@ def app_page(page: str, timeout: float = 60):
     app = AppTest.from_file(str(APP / "Home.py"), default_timeout=timeout)
     app.switch_page(page)
     return app
+
+
+def cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` run here through its ``main`` and :func:`pipelines.cli.run` (what ``__main__``
+    runs): the exit code and what it printed. An exception other than a refusal propagates (a traceback is a bug)."""
+    from pipelines.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        run(importlib.import_module(module).main, list(args))
+    code = exited.value.code if isinstance(exited.value.code, int) else 1
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]

@@ -197,6 +197,7 @@ def test_cancel_stops_the_job_and_the_run_ends_killed(empty_store, head_corpus_e
     from core.store import connect
 
     app = app_page(PAGE).run()
+    app.selectbox[0].set_value("tiny").run()  # a small model: the job reaches its first step sooner
     fill(app, **{"Block size T (tokens per sequence)": 16, "Batch size B (sequences)": 2, "Max steps": 100_000})
     app.button[0].click().run()
     wait_for(lambda: (j := list_jobs()[0]).progress and j.progress.get("step", 0) >= 1)

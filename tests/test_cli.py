@@ -2,9 +2,6 @@
 bad flags run in this process (:func:`cli_in_process`: the same parser, checks and exit codes, without the few
 seconds each new Python process spends importing torch)."""
 
-import contextlib
-import importlib
-import io
 import json
 import os
 import subprocess
@@ -13,7 +10,7 @@ import sys
 import pytest
 
 from core.config import TrainConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_usage_error, cli_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +24,6 @@ def cli(*args: str, timeout: int = 180, env: dict | None = None) -> subprocess.C
         text=True,
         timeout=timeout,
     )
-
-
-def cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module args`` run here through its ``main`` and :func:`pipelines.cli.run` (what ``__main__``
-    runs): the exit code and what it printed. An exception other than a refusal propagates (a traceback is a bug)."""
-    from pipelines.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
-        run(importlib.import_module(module).main, list(args))
-    code = exited.value.code if isinstance(exited.value.code, int) else 1
-    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
-
-
-def assert_usage_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
 
 
 @pytest.mark.parametrize("module", ["pipelines.prepare_data", "pipelines.inspect", "pipelines.generate"])
@@ -67,9 +44,10 @@ def test_inspect_gpt2_json():
 
 
 def test_inspect_table_and_checkpoint(tiny_checkpoint):
-    table = cli("pipelines.inspect", "--preset", "gpt2")
-    assert "124,439,808" in table.stdout and "474.70 MB" in table.stdout
-    from_checkpoint = json.loads(cli("pipelines.inspect", "--checkpoint", str(tiny_checkpoint), "--json").stdout)
+    table = cli_in_process("pipelines.inspect", "--preset", "gpt2")
+    assert table.returncode == 0 and "124,439,808" in table.stdout and "474.70 MB" in table.stdout
+    checkpoint = cli_in_process("pipelines.inspect", "--checkpoint", str(tiny_checkpoint), "--json")
+    from_checkpoint = json.loads(checkpoint.stdout)
     assert from_checkpoint["config"]["n_layer"] == 2
 
 
@@ -81,7 +59,7 @@ def test_prepare_data_reports_the_reference_split(shakespeare_path, tmp_path):
 
 
 def test_generate_writes_k_samples(tiny_checkpoint):
-    result = cli(
+    result = cli_in_process(
         "pipelines.generate",
         "--checkpoint",
         str(tiny_checkpoint),
@@ -101,6 +79,7 @@ def test_generate_writes_k_samples(tiny_checkpoint):
 
 
 def test_generate_json_is_reproducible(tiny_checkpoint):
+    """The same samples from a new process as from this one: the seed is the whole of the randomness."""
     args = (
         "pipelines.generate",
         "--checkpoint",
@@ -115,27 +94,27 @@ def test_generate_json_is_reproducible(tiny_checkpoint):
         "7",
         "--json",
     )
-    first, second = json.loads(cli(*args).stdout), json.loads(cli(*args).stdout)
+    first, second = json.loads(cli(*args).stdout), json.loads(cli_in_process(*args).stdout)
     assert len(first["samples"]) == 2
     assert all(s.startswith("ROMEO:") for s in first["samples"])
     assert first["tokens_per_sec"] > 0
     assert first["samples"] == second["samples"]
 
 
-def test_generate_measures_how_much_each_sample_copies(tiny_checkpoint, tmp_path, tokenizer):
+def test_generate_measures_how_much_each_sample_copies(tiny_checkpoint, tmp_path, tokenizer, monkeypatch):
     from core.config import DataConfig
     from core.data import prepare_corpus
     from core.memorization import index_for
 
     base = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--seed", "3")
     base += ("--num-samples", "2", "--max-new-tokens", "24")
-    first = json.loads(cli(*base, "--no-memorization", "--json").stdout)
+    first = json.loads(cli_in_process(*base, "--no-memorization", "--json").stdout)
     assert first["memorization"] is None and first["memorization_corpus"] is None
     # A training split that holds the samples' own continuations: the meter must find them there.
     corpus_path = tmp_path / "corpus.txt"
     continuations = [sample.removeprefix("ROMEO:") for sample in first["samples"]]
     corpus_path.write_text("\n\n".join(continuations) + "\n\nJULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n" * 30)
-    measured = cli(*base, "--data", str(corpus_path), "--json")
+    measured = cli_in_process(*base, "--data", str(corpus_path), "--json")
     assert measured.returncode == 0, measured.stderr
     document = json.loads(measured.stdout)
     assert document["samples"] == first["samples"]
@@ -144,14 +123,14 @@ def test_generate_measures_how_much_each_sample_copies(tiny_checkpoint, tmp_path
     expected = [index_for(corpus).report_text(text, tokenizer) for text in continuations]
     assert document["memorization"] == [report.to_dict() for report in expected]
     assert max(report["copied_share"] for report in document["memorization"]) > 0.5
-    human = cli(*base, "--data", str(corpus_path))
+    human = cli_in_process(*base, "--data", str(corpus_path))
     assert [line for line in human.stdout.splitlines() if line.startswith("(copied:")] == [
         f"({report.summary()})" for report in expected
     ]
-    assert_usage_error(cli(*base, "--data", str(tmp_path / "missing.txt")), "corpus file not found")
+    assert_usage_error(cli_in_process(*base, "--data", str(tmp_path / "missing.txt")), "corpus file not found")
     # The default corpus out of reach (here: missing) is one line; the samples still come.
-    env = {**os.environ, "SHAKESPEARE_SOURCE": str(tmp_path / "missing.txt")}
-    unmeasured = cli(*base, "--json", env=env)
+    monkeypatch.setenv("SHAKESPEARE_SOURCE", str(tmp_path / "missing.txt"))
+    unmeasured = cli_in_process(*base, "--json")
     assert unmeasured.returncode == 0 and json.loads(unmeasured.stdout)["memorization"] is None
     assert [line for line in unmeasured.stderr.splitlines() if "memorisation not measured" in line] == [
         next(line for line in unmeasured.stderr.splitlines() if "corpus file not found" in line)
@@ -160,7 +139,7 @@ def test_generate_measures_how_much_each_sample_copies(tiny_checkpoint, tmp_path
 
 def test_generate_int8_streams_and_prints_only_the_text(tiny_checkpoint):
     args = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--quantize", "int8")
-    result = cli(*args, "--max-new-tokens", "8", "--seed", "2", "--json")
+    result = cli_in_process(*args, "--max-new-tokens", "8", "--seed", "2", "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["new_tokens"] == [8] and document["samples"][0].startswith("ROMEO:")
@@ -172,7 +151,7 @@ def test_generate_int8_streams_and_prints_only_the_text(tiny_checkpoint):
 
 def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
     prompt = "Now is the winter of our discontent. " * 20
-    result = cli(
+    result = cli_in_process(
         "pipelines.generate",
         "--checkpoint",
         str(tiny_checkpoint),
@@ -260,7 +239,9 @@ def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, t
     log_and_register(client, run.info.run_id, tiny_checkpoint, name="bard", alias="champion")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for ref in ("bard/1", "models:/bard@champion"):  # every form of reference is resolved in test_registry
-        result = cli("pipelines.generate", "--model", ref, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--json")
+        result = cli_in_process(
+            "pipelines.generate", "--model", ref, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--json"
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["samples"][0].startswith("ROMEO:")
         assert "model: bard/1" in result.stderr
@@ -281,7 +262,7 @@ def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, t
 
 def test_generate_with_an_empty_store_says_how_to_get_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    assert_usage_error(cli("pipelines.generate", "--prompt", "x"), "no model is registered yet")
+    assert_usage_error(cli_in_process("pipelines.generate", "--prompt", "x"), "no model is registered yet")
 
 
 def test_an_unreachable_tracking_server_is_one_line(monkeypatch):
@@ -467,7 +448,7 @@ def test_generate_help_states_the_caps():
 def test_generate_takes_emoji_cjk_and_control_characters(tiny_checkpoint):
     prompt = "Emoji 🎭👑 中文：生存还是毁灭 \x07\x1b[31mred\x1b[0m\ttab"  # no \r: text=True reads it back as \n
     base = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6")
-    result = cli(*base, "--num-samples", "2", "--seed", "5", "--json")
+    result = cli_in_process(*base, "--num-samples", "2", "--seed", "5", "--json")
     assert result.returncode == 0, result.stderr
     samples = json.loads(result.stdout)["samples"]
     assert len(samples) == 2 and all(sample.startswith(prompt) for sample in samples)

@@ -59,7 +59,8 @@ def test_three_trainers_share_one_sqlite_store_while_it_is_read(tmp_path, small_
             if len(runs):
                 metric_histories(client, list(runs["run_id"]), TRAIN_METRICS)
             reads += 1
-            time.sleep(0.05)
+            # Several reads while the trainers write, without the reader taking a core from them (2 cores here).
+            time.sleep(0.5)
     finally:
         for process in processes:
             if process.poll() is None:

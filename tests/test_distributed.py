@@ -24,7 +24,7 @@ from core.config import DataConfig, TrainConfig
 from core.data import TokenBatches
 from core.distributed import SINGLE, DistContext, all_reduce_sum, broadcast_text, init_distributed
 from core.trainer import Trainer
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, cli_in_process
 
 STEP_METRICS = ("loss", "avg_loss", "best_loss", "lr", "time_per_batch", "tokens_per_sec")
 
@@ -210,7 +210,7 @@ def only_run(client, experiment: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("vocabulary", [[], ["--tie-unused-tokens"]], ids=["full-vocabulary", "shared-rows"])
 def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process(
-    tmp_path, shakespeare_head, vocabulary, new_store
+    tmp_path, shakespeare_head, vocabulary, new_store, monkeypatch
 ):
     from mlflow import MlflowClient
 
@@ -219,10 +219,13 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
     steps = 8
     common = ["--max-steps", str(steps), *vocabulary]
     ddp = run_command(torchrun(2, train_argv(shakespeare_head, tmp_path, "ddp", *common, "--batch-size", "2")), env)
-    run_command(
-        [sys.executable, "-m", "pipelines.train",
-         *train_argv(shakespeare_head, tmp_path, "single", *common, "--batch-size", "4")], env,
-    )  # fmt: skip
+    # The one-process reference is the same entry point run in this process (its own process would only add the
+    # seconds of importing torch and MLflow): its trajectory is what the two processes must follow.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    single = cli_in_process(
+        "pipelines.train", *train_argv(shakespeare_head, tmp_path, "single", *common, "--batch-size", "4")
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global registry URI an earlier test set
     ddp_run, single_run = only_run(client, "ddp"), only_run(client, "single")
@@ -258,7 +261,9 @@ def test_torchrun_with_two_processes_is_one_run_on_the_trajectory_of_one_process
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_path, shakespeare_head, new_store):
+def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(
+    tmp_path, shakespeare_head, new_store, monkeypatch
+):
     """SIGINT to the launcher's process group, as Ctrl-C in a terminal sends it (the workers, in sessions of their
     own, hear of it from the launcher): the run ends KILLED with a checkpoint. Resuming with one process is refused;
     ``--resume`` under torchrun finishes the run, with one point per step, and registers it."""
@@ -289,10 +294,8 @@ def test_ctrl_c_stops_every_process_and_the_job_resumes_with_two_processes(tmp_p
     assert 3 <= stopped_at < steps
     assert json.loads(pointer.read_text())["step"] == stopped_at
 
-    refused = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--resume", run_id], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    refused = cli_in_process("pipelines.train", "--resume", run_id)  # one process: a refusal, run here
     assert refused.returncode == 2 and "torchrun --nproc_per_node=2" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert client.get_run(run_id).info.status == "KILLED"  # the refusal changed nothing

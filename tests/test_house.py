@@ -16,7 +16,6 @@ LONGER_ON_PURPOSE = {
     "core/trainer.py": "the training loop with its budget plan, read top to bottom as one function",
     "core/sweep/run.py": "one Optuna study driven trial by trial as one class (its state is the sweep's)",
     "core/hf.py": "export and import of the Hugging Face format, with the checks of each direction",
-    "core/experiment.py": "a tracked run's life: start, resume, end, register",
 }
 
 

@@ -35,17 +35,14 @@ NAME = DEFAULT_MODEL_NAME
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite store: (client, experiment id). MLflow's global URIs and MLFLOW_TRACKING_URI are restored."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # connect() exports MLFLOW_TRACKING_URI; setting it through monkeypatch first makes sure it is undone.
+def store(tmp_path, monkeypatch, new_store):
+    """A fresh SQLite store, made the current one (MLFLOW_TRACKING_URI, which MLflow's own loaders follow too):
+    (client, experiment id)."""
+    uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = connect(uri)
     yield client, ensure_experiment(client, "test")
     registry.clear_model_cache()
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
 
 
 def _checkpoint(tmp_path: Path, seed: int) -> Path:

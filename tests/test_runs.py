@@ -10,6 +10,7 @@ from core import runs
 from core.errors import UsageError
 from core.runs import downsample, list_experiments, list_runs, metric_histories, params_table, smooth
 from core.store import connect, ensure_experiment
+from tests.conftest import store_from
 
 T0 = 1_700_000_000_000  # ms, the first run's start
 
@@ -31,12 +32,12 @@ def make_run(client, experiment_id, name, start, params=None, tags=None, status=
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, store_template):
     """One store with two experiments, runs in every status, a deleted run and a deleted experiment.
 
     Returns (client, ids) with ids mapping names to run and experiment ids. Tests only read it.
     """
-    client = connect(f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db")
+    client = connect(store_from(store_template, tmp_path_factory.mktemp("store")))
     a = ensure_experiment(client, "runs-a")
     b = ensure_experiment(client, "runs-b")
     ids = {"a": a, "b": b}
@@ -79,8 +80,8 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh(tmp_path):
-    return connect(f"sqlite:///{tmp_path}/mlflow.db")
+def fresh(tmp_path, new_store):
+    return connect(new_store(tmp_path))
 
 
 # --- list_runs ---------------------------------------------------------------------------------------------
@@ -453,8 +454,8 @@ def test_histories_of_several_long_runs(fresh):
     assert len(sizes) == count * 6 and (sizes <= 500).all() and (sizes >= 400).all()
 
 
-def test_the_runs_table_has_each_runs_best_validation_not_only_its_last(tmp_path):
-    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+def test_the_runs_table_has_each_runs_best_validation_not_only_its_last(fresh):
+    client = fresh
     experiment = ensure_experiment(client, "best")
     old = make_run(client, experiment, "before-best-was-logged", T0)
     log_series(client, old, "val_bpc", [(100, 3.0, T0 + 1), (200, 2.5, T0 + 2), (300, 2.7, T0 + 3)])

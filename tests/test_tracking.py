@@ -7,8 +7,8 @@ from core.tracking import MlflowLogger, git_commit, log_params
 
 
 @pytest.fixture
-def client_and_run(tmp_path):
-    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+def client_and_run(tmp_path, new_store):
+    client = connect(new_store(tmp_path))
     experiment_id = ensure_experiment(client, "tracking-test")
     run = client.create_run(experiment_id)
     return client, run.info.run_id
