@@ -29,7 +29,7 @@ from core.model_code import runtime_modules
 from core.pyfunc_model import PARAM_NAMES, prompts_from_input, sample_config_from_params
 from core.registry import RegistryError, log_and_register, parse_model_ref, resolve_model_version
 from core.store import DEFAULT_MODEL_NAME, connect, ensure_experiment
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, cli_in_process
 
 NAME = DEFAULT_MODEL_NAME
 
@@ -550,7 +550,6 @@ def test_mlflow_models_serve_answers_generation_requests(store, tiny_checkpoint,
         log.close()
 
 
-@pytest.mark.slow  # runs the generate CLI
 @pytest.mark.parametrize("damage", ["truncated", "nan"])
 def test_a_registered_model_with_damaged_weights_is_refused_in_one_line(store, tmp_path, damage):
     """Weights damaged in the store after registration: the loader (and the generate CLI) says which file is wrong,
@@ -570,10 +569,6 @@ def test_a_registered_model_with_damaged_weights_is_refused_in_one_line(store, t
 
     with pytest.raises(CheckpointError, match="NaN" if damage == "nan" else "safetensors"):
         registry.load_registered_model(client, f"{NAME}/1")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.generate", "--model", f"{NAME}/1", "--prompt", "ROMEO:"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = cli_in_process("pipelines.generate", "--model", f"{NAME}/1", "--prompt", "ROMEO:")  # the current store
     assert done.returncode != 0 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert weights.read_bytes() == damaged and client.get_model_version(NAME, "1").status == "READY"

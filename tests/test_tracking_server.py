@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from core.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
-from tests.conftest import REPO, app_page
+from tests.conftest import REPO, app_page, store_from
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="uses POSIX process groups")]
 
@@ -44,10 +44,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def backend_store(kind: str, root: Path) -> Iterator[str]:
-    """The ``--backend-store-uri`` of a new, empty store of ``kind``, removed afterwards (a PostgreSQL database)."""
+def backend_store(kind: str, root: Path, template: Path) -> Iterator[str]:
+    """The ``--backend-store-uri`` of a new, empty store of ``kind``, removed afterwards (a PostgreSQL database).
+    A SQLite one is a copy of the session's migrated ``template`` (the server then has no migrations to run)."""
     if kind == "sqlite":
-        yield f"sqlite:///{root / 'mlflow.db'}"
+        yield store_from(template, root)
         return
     admin_uri = os.environ.get("STUDIO_TEST_POSTGRES_URI")
     if not admin_uri:
@@ -70,14 +71,14 @@ def backend_store(kind: str, root: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request, tmp_path_factory) -> Iterator[str]:
+def server(request, tmp_path_factory, store_template) -> Iterator[str]:
     """A real ``mlflow server`` with a SQLite or PostgreSQL backend and a proxied artifact store, stopped after the
     module's tests have run against it."""
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_cli is None:
         pytest.skip("the mlflow command is not installed")
     root = tmp_path_factory.mktemp("server")
-    with backend_store(request.param, root) as store_uri:
+    with backend_store(request.param, root, store_template) as store_uri:
         yield from _serve(mlflow_cli, store_uri, root)
 
 
