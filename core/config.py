@@ -207,10 +207,11 @@ class DataConfig(JsonConfig):
 class SampleConfig(JsonConfig):
     """How continuations are drawn from the model."""
 
+    # The help of pipelines.generate is these docstrings: its test holds 4096 and 16 to the caps' constants.
     max_new_tokens: int = 200
-    """Most new tokens per sample, 1 to MAX_NEW_TOKENS_CAP."""
+    """Most new tokens per sample, 1..4096."""
     num_samples: int = 1
-    """Independent continuations, run as one batch, 1 to NUM_SAMPLES_CAP."""
+    """Independent continuations, run as one batch, 1..16."""
     temperature: float = 0.8
     """Softmax temperature; 0 means greedy (argmax) and deterministic."""
     top_k: int | None = 200

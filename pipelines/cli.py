@@ -163,7 +163,7 @@ def add_config_flags(
                 f"{field.default:,}" if isinstance(field.default, int) and field.default >= 10_000 else field.default
             )
             help_text += f" (default {shown})"
-        options: dict[str, Any] = {"default": None, "help": help_text, "dest": flag.lstrip("-").replace("-", "_")}
+        options: dict[str, Any] = {"default": None, "help": help_text, "dest": _destination(flag)}
         if annotation == "bool":
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -173,3 +173,16 @@ def add_config_flags(
             if name in metavars:
                 options["metavar"] = metavars[name]
         group.add_argument(flag, **options)
+
+
+def given_fields(args: argparse.Namespace, names: Sequence[str], *, flags: dict[str, str] | None = None) -> dict:
+    """The fields ``names`` whose flags (added by :func:`add_config_flags` with the same ``flags``) were given, by
+    field name: what a config is built from, so every field not given keeps its dataclass default."""
+    flags = flags or {}
+    values = {name: getattr(args, _destination(flags.get(name, "--" + name.replace("_", "-")))) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _destination(flag: str) -> str:
+    """The argparse destination of option ``flag`` (``--eot-stop`` → ``eot_stop``)."""
+    return flag.lstrip("-").replace("-", "_")

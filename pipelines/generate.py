@@ -1,7 +1,7 @@
 """Generate Shakespeare-style text from a registered model or a checkpoint folder.
 
 Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS | --checkpoint DIR] --prompt TEXT
-       [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+       [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-eot-stop]
        [--device auto|cpu|cuda|mps] [--quantize none|int8] [--data PATH|URL | --no-memorization] [--json]
 
 Without --model or --checkpoint it uses the latest version of the registered model ``shakespeare-gpt`` in the
@@ -22,12 +22,16 @@ at a small cost in quality (``python -m pipelines.benchmark --only int8 --model 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
 
-from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP, QUANTIZE_CHOICES
-from pipelines.cli import ArgumentParser, run
+from core.config import QUANTIZE_CHOICES, SampleConfig
+from pipelines.cli import ArgumentParser, add_config_flags, given_fields, run
+
+SAMPLING_FIELDS = ("max_new_tokens", "num_samples", "temperature", "top_k", "top_p", "seed", "stop_at_eot")
+SAMPLING_FLAGS = {"stop_at_eot": "--eot-stop"}  # so --no-eot-stop reads as what it does
 
 
 def build_parser() -> ArgumentParser:
@@ -40,20 +44,8 @@ def build_parser() -> ArgumentParser:
     )
     source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to generate from instead")
     parser.add_argument("--prompt", required=True, help="text to continue (cropped to its last tokens if too long)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=200, help=f"new tokens per sample, 1..{MAX_NEW_TOKENS_CAP} (default 200)"
-    )
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=1,
-        help=f"independent samples, run as one batch, 1..{NUM_SAMPLES_CAP} (default 1)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy and deterministic (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens, k >= 1 (default 200)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
-    parser.add_argument("--no-eot-stop", action="store_true", help="keep going past <|endoftext|>")
+    # The sampling flags are SampleConfig's fields: their help is the field's docstring, their default the field's.
+    add_config_flags(parser, SampleConfig, SAMPLING_FIELDS, flags=SAMPLING_FLAGS)
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     parser.add_argument(
         "--quantize",
@@ -77,24 +69,21 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    """The sampling settings the flags ask for; a flag not given (None) keeps the field's default, which is written
+    once, in :class:`SampleConfig`."""
+    return SampleConfig(**given_fields(args, SAMPLING_FIELDS, flags=SAMPLING_FLAGS))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from core.checkpoint import load_checkpoint
-    from core.config import SampleConfig
     from core.device import resolve_device
     from core.errors import UsageError
     from core.sampling import TextStream
     from core.tokenizer import get_tokenizer
 
-    config = SampleConfig(
-        max_new_tokens=args.max_new_tokens,
-        num_samples=args.num_samples,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_at_eot=not args.no_eot_stop,
-    )
+    config = sample_config(args)
     tokenizer = get_tokenizer()
     device = resolve_device("cpu" if args.quantize == "int8" and args.device == "auto" else args.device)
     if args.quantize == "int8" and device.type != "cpu":

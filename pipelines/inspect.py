@@ -11,18 +11,26 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from pipelines.cli import ArgumentParser, positive_int, run
+from pipelines.cli import ArgumentParser, add_config_flags, positive_int, run
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
 def build_parser() -> ArgumentParser:
-    from core.config import PRESETS
+    from core.config import PRESETS, ModelConfig
 
     parser = ArgumentParser(prog="python -m pipelines.inspect", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="a named model shape (default: gpt2)")
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (reads only its config.json)")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, help=f"override the preset's {name}")
+    add_config_flags(
+        parser,
+        ModelConfig,
+        SHAPE_FIELDS,
+        types=dict.fromkeys(SHAPE_FIELDS, positive_int),
+        prefix="override the preset: ",
+        show_defaults=False,
+    )
     parser.add_argument("--per-block", action="store_true", help="also list every block's components")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -49,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.config import ModelConfig
     from core.model import GPT, parameter_breakdown
 
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    overrides = {k: getattr(args, k) for k in SHAPE_FIELDS}
     if args.checkpoint:
         if any(v is not None for v in overrides.values()):
             raise ValueError("shape overrides apply to --preset only, not to --checkpoint")

@@ -11,20 +11,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from pipelines.cli import ArgumentParser, run
+from pipelines.cli import ArgumentParser, add_config_flags, given_fields, run
+
+CORPUS_FIELDS = ("source", "cache_dir", "val_fraction")
+CORPUS_FLAGS = {"cache_dir": "--out"}
 
 
 def build_parser() -> ArgumentParser:
-    from core.config import TINY_SHAKESPEARE_URL
+    from core.config import DataConfig
 
     parser = ArgumentParser(prog="python -m pipelines.prepare_data", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source",
-        default=TINY_SHAKESPEARE_URL,
-        help="local UTF-8 text file or http(s) URL (default: the Tiny Shakespeare URL)",
+    add_config_flags(
+        parser,
+        DataConfig,
+        CORPUS_FIELDS,
+        flags=CORPUS_FLAGS,
+        metavars={"source": "PATH|URL", "cache_dir": "DIR"},
+        defaults={"source": "the Tiny Shakespeare URL"},
     )
-    parser.add_argument("--out", default="data", help="cache folder for downloads and token arrays (default: data)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of characters held out (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print the cache's metadata as one JSON object")
     return parser
 
@@ -35,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.data import prepare_corpus
     from core.tokenizer import get_tokenizer
 
-    config = DataConfig(source=args.source, cache_dir=args.out, val_fraction=args.val_fraction)
+    config = DataConfig(**given_fields(args, CORPUS_FIELDS, flags=CORPUS_FLAGS))
     corpus = prepare_corpus(config, get_tokenizer())
     meta = corpus.meta
     if args.json:

@@ -445,6 +445,22 @@ def test_generate_help_states_the_caps():
     assert f"run as one batch, 1..{NUM_SAMPLES_CAP}" in text
 
 
+def test_generate_flags_are_the_sampling_configs_fields():
+    import dataclasses
+
+    from core.config import SampleConfig
+    from pipelines.cli import field_docs
+    from pipelines.generate import build_parser, sample_config
+
+    parser = build_parser()
+    assert sample_config(parser.parse_args(["--prompt", "x"])) == SampleConfig()  # the defaults are the config's
+    given = parser.parse_args(["--prompt", "x", "--top-k", "5", "--seed", "3", "--no-eot-stop", "--temperature", "0"])
+    expected = dataclasses.replace(SampleConfig(), top_k=5, seed=3, stop_at_eot=False, temperature=0)
+    assert sample_config(given) == expected
+    text = " ".join(parser.format_help().split())
+    assert field_docs(SampleConfig)["top_p"] in text and "(default 0.8)" in text
+
+
 def test_generate_takes_emoji_cjk_and_control_characters(tiny_checkpoint):
     prompt = "Emoji 🎭👑 中文：生存还是毁灭 \x07\x1b[31mred\x1b[0m\ttab"  # no \r: text=True reads it back as \n
     base = ("pipelines.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6")
