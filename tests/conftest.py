@@ -24,6 +24,21 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 from core.config import ModelConfig  # noqa: E402
 from core.model import GPT  # noqa: E402
 
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist each worker takes its share of the cores, and so do the processes it starts (they inherit
+    OMP_NUM_THREADS): N workers each running torch on every core would oversubscribe the machine, where OpenMP's
+    waiting threads spin and the whole suite takes longer."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores()
+
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 """A model small enough to run anything in milliseconds, with the real GPT-2 vocabulary."""
 

@@ -177,3 +177,10 @@ def test_the_quality_row_trains_a_budget_run_as_a_user_does_and_checks_it_with_t
     assert hf.name == "quality_hf_0.2m" and hf.reference == quality.ours
     assert hf.ours == pytest.approx(quality.ours, rel=1e-3)
     assert any("--time-budget 12s" in line for line in lines)
+
+
+def test_the_compare_fetch_row_reads_back_every_point_of_its_fixture_through_mlflow():
+    lines: list[str] = []
+    row = benchmark.compare_fetch(runs=2, steps=300, repeats=1, log=lines.append)  # raises if a point is missing
+    assert row.name == "compare_fetch" and row.unit == "s" and row.ours > 0 and row.reference > 0
+    assert "2 runs × 300 steps × 6 charts" in row.note and len(lines) == 1

@@ -34,7 +34,7 @@ def test_help(module):
 
 
 def test_inspect_gpt2_json():
-    result = cli("pipelines.inspect", "--preset", "gpt2", "--json")
+    result = cli_in_process("pipelines.inspect", "--preset", "gpt2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["total_params"] == 124_439_808
@@ -52,7 +52,7 @@ def test_inspect_table_and_checkpoint(tiny_checkpoint):
 
 
 def test_prepare_data_reports_the_reference_split(shakespeare_path, tmp_path):
-    result = cli("pipelines.prepare_data", "--source", str(shakespeare_path), "--out", str(tmp_path))
+    result = cli_in_process("pipelines.prepare_data", "--source", str(shakespeare_path), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "301,966" in result.stdout and "36,059" in result.stdout
     assert len(list(tmp_path.glob("*/train.bin"))) == 1
@@ -144,7 +144,7 @@ def test_generate_int8_streams_and_prints_only_the_text(tiny_checkpoint):
     document = json.loads(result.stdout)
     assert document["new_tokens"] == [8] and document["samples"][0].startswith("ROMEO:")
     assert "Warning" not in result.stderr  # torch's deprecation notices about quantized tensors are kept out
-    streamed = cli(*args, "--max-new-tokens", "4")
+    streamed = cli_in_process(*args, "--max-new-tokens", "4")
     assert streamed.returncode == 0 and streamed.stdout.startswith("ROMEO:")
     assert streamed.stderr.strip().splitlines()[-1].startswith("4 new tokens at")
 
@@ -262,14 +262,12 @@ def test_generate_from_the_registry_by_name_version_and_alias(tiny_checkpoint, t
 
 def test_generate_with_an_empty_store_says_how_to_get_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    assert_usage_error(cli_in_process("pipelines.generate", "--prompt", "x"), "no model is registered yet")
+    assert_usage_error(cli("pipelines.generate", "--prompt", "x"), "no model is registered yet")  # a new process
 
 
 def test_an_unreachable_tracking_server_is_one_line(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert_usage_error(
-        cli("pipelines.generate", "--prompt", "x", timeout=60), "cannot reach the MLflow tracking server"
-    )
+    assert_usage_error(cli_in_process("pipelines.generate", "--prompt", "x"), "cannot reach the MLflow tracking server")
 
 
 # ---- training flags of the GPU path: --pad-vocab, --compile, --peak-tflops ----

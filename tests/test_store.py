@@ -77,12 +77,13 @@ def test_a_server_is_checked_through_its_health_endpoint(status, ok):
     assert seen == ["/health"]
 
 
-def test_a_client_for_another_store_changes_no_global_uri(tmp_path, new_store):
+@pytest.mark.parametrize("make_client", [store.client, store.connect])
+def test_a_client_for_another_store_changes_no_global_uri(tmp_path, new_store, make_client):
     import mlflow
 
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     other = new_store(tmp_path / "other")
-    client = store.client(other)
+    client = make_client(other)
     client.create_experiment("elsewhere")
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
     assert client.tracking_uri == other
@@ -105,3 +106,26 @@ def test_all_pages_follows_the_page_tokens():
 
     assert store.all_pages(search, max_results=2) == [1, 2, 3, 4]
     assert calls == [(None, {"max_results": 2}), ("a", {"max_results": 2}), ("b", {"max_results": 2})]
+
+
+def test_the_fluent_uri_is_the_blocks_and_afterwards_mlflow_follows_the_environment_again(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/first.db")
+    with store.fluent_tracking_uri(f"sqlite:///{tmp_path}/block.db"):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/block.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/first.db"
+    # Not pinned to the store of that moment: a later change of the variable is followed, as before the block.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/second.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/second.db"
+
+
+def test_quiet_artifacts_turns_the_progress_bar_off_for_the_block_only(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    with store.quiet_artifacts():
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    with store.quiet_artifacts():
+        pass
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ

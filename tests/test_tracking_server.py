@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from core.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
-from tests.conftest import REPO, app_page, store_from
+from tests.conftest import REPO, app_page, cli_in_process, store_from
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="uses POSIX process groups")]
 
@@ -170,16 +170,9 @@ def test_the_registered_model_generates_through_the_server(server, trained, toke
     assert result.samples[0].startswith("ROMEO:") and result.new_tokens == [6]
 
 
-def test_the_generate_cli_follows_mlflow_tracking_uri(server, trained):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.generate", "--prompt", "JULIET:", "--max-new-tokens", "5", "--json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_the_generate_cli_follows_mlflow_tracking_uri(server, trained, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    done = cli_in_process("pipelines.generate", "--prompt", "JULIET:", "--max-new-tokens", "5", "--json")
     assert done.returncode == 0, done.stderr
     assert '"samples"' in done.stdout and "JULIET:" in done.stdout
 
