@@ -25,7 +25,6 @@ from core.config import ModelConfig  # noqa: E402
 from core.model import GPT  # noqa: E402
 
 
-
 def _share_the_cores() -> None:
     """Under pytest-xdist each worker takes its share of the cores, and so do the processes it starts (they inherit
     OMP_NUM_THREADS): N workers each running torch on every core would oversubscribe the machine, where OpenMP's
