@@ -20,10 +20,11 @@ step is tracked in MLflow and every finished run registers its model in the MLfl
 2. **Compare Runs**: overlay the loss curves and parameters of several runs.
 3. **Architecture**: see the transformer's layers and where its parameters are.
 4. **Generate**: pick a registered model and write Shakespeare.
+5. **Models**: every registered version ranked by held-out bits per character; point an alias at the best.
 """
 )
 
-cols = st.columns(4)
+cols = st.columns(5)
 with cols[0]:
     ui.page_link("Train", icon="🏋️")
 with cols[1]:
@@ -32,6 +33,8 @@ with cols[2]:
     ui.page_link("Architecture", icon="🧱")
 with cols[3]:
     ui.page_link("Generate", icon="✒️")
+with cols[4]:
+    ui.page_link("Models", icon="🏆")
 
 uri = tracking_uri()
 st.subheader("Tracking store")

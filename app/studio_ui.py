@@ -25,6 +25,7 @@ PAGES = {
     "Compare Runs": "pages/2_Compare_Runs.py",
     "Architecture": "pages/3_Architecture.py",
     "Generate": "pages/4_Generate.py",
+    "Models": "pages/5_Models.py",
 }
 """Sidebar name → script path relative to ``app/`` (Streamlit derives the names from the file names)."""
 LISTING_TTL_S = 5
@@ -77,6 +78,22 @@ def runs(uri: str, experiment_ids: tuple[str, ...] | None = None) -> pd.DataFram
 def registered_models(uri: str) -> pd.DataFrame:
     """:func:`core.registry.list_registered_models` of store ``uri``: every version, newest first."""
     return list_registered_models(client_for(uri))
+
+
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def leaderboard(uri: str) -> pd.DataFrame:
+    """:func:`core.leaderboard.versions_leaderboard` of store ``uri``: every version with its run's figures."""
+    from core.leaderboard import versions_leaderboard
+
+    return versions_leaderboard(client_for(uri))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def best_points(uri: str, run_ids: tuple[str, ...], stamp: str) -> pd.DataFrame:
+    """:func:`core.leaderboard.best_points` of ``run_ids``; ``stamp`` changes when a run may have new points."""
+    from core.leaderboard import best_points as best_of
+
+    return best_of(client_for(uri), list(run_ids))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -341,10 +341,10 @@ def list_registered_models(client) -> pd.DataFrame:
     """Every registered model version, newest first, as a DataFrame.
 
     Columns: ``name``, ``version`` (int), ``aliases`` (comma-separated, sorted), ``run_id``, ``created``
-    (timezone-aware UTC datetime), ``status`` and ``description`` ("" when unset). Empty (with these columns) when
-    nothing is registered.
+    (timezone-aware UTC datetime), ``status``, ``description`` ("" when unset) and ``tags`` (the version's tags, a
+    dict). Empty (with these columns) when nothing is registered.
     """
-    columns = ["name", "version", "aliases", "run_id", "created", "status", "description"]
+    columns = ["name", "version", "aliases", "run_id", "created", "status", "description", "tags"]
     aliases: dict[tuple[str, int], list[str]] = {}
     for model in all_pages(client.search_registered_models):
         for alias, version in (model.aliases or {}).items():
@@ -358,6 +358,7 @@ def list_registered_models(client) -> pd.DataFrame:
             "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"),
             "status": v.status,
             "description": v.description or "",
+            "tags": dict(v.tags or {}),
         }
         for v in all_pages(client.search_model_versions)
     ]

@@ -54,3 +54,21 @@ def test_an_empty_store_points_to_train(empty_store):
     app = app_page(PAGE).run()
     assert not app.exception
     assert app.info
+
+
+def test_the_table_shows_each_metrics_best_and_its_step_beside_the_last_and_hover_shows_every_run(studio_store):
+    from mlflow.entities import Metric
+
+    from core.store import connect
+
+    client = connect(studio_store)
+    [run_1] = [r for r in client.search_runs(["1"]) if r.info.run_name == "run-1"]
+    client.log_batch(run_1.info.run_id, metrics=[Metric("val_bpc", 1.5, 1_790_000_025_000, 25)])  # better, earlier
+    app = app_page(PAGE).run()
+    assert not app.exception
+    table = app.dataframe[0].value.set_index("run")
+    assert (table.loc["run-1", "last val bpc"], table.loc["run-1", "best val bpc"]) == (2.0, 1.5)
+    assert table.loc["run-1", "val bpc best at step"] == 25 and table.loc["run-0", "val bpc best at step"] == 50
+    assert table.loc["run-1", "best loss"] == table.loc["run-1", "last loss"]  # a falling loss: its last is its best
+    assert table.loc["run-1", "loss best at step"] == 50
+    assert charts(app)["loss"]["layout"]["hovermode"] == "x unified"

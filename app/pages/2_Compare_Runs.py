@@ -31,12 +31,9 @@ TABLE_COLUMNS = {
     "params.block_size": "T",
     "params.lr": "lr",
     "params.max_steps": "max steps",
-    "metrics.loss": "loss",
-    "metrics.avg_loss": "avg loss",
-    "metrics.val_loss": "val loss",
-    "metrics.best_val_bpc": "best val bpc",
-    "metrics.val_bpc": "last val bpc",
 }
+BEST_SHOWN = {"loss": "loss", "avg_loss": "avg loss", "val_loss": "val loss", "val_bpc": "val bpc"}
+"""Metrics whose best (lowest) value and its step the table shows beside the last value."""
 
 ui.setup_page("Compare Runs", "📈")
 
@@ -65,6 +62,19 @@ if runs.empty:
 
 table = runs[[c for c in TABLE_COLUMNS if c in runs]].rename(columns=TABLE_COLUMNS)
 table["run"] = table["run"].fillna(runs["run_id"].str[:8])
+run_stamp = "|".join(f"{r}:{s}:{e}" for r, s, e in zip(runs["run_id"], runs["status"], runs["end_time"], strict=True))
+if (runs["status"] == "RUNNING").any():  # a live run may have a new best: read again at most every few seconds
+    run_stamp += f":{pd.Timestamp.now().floor('5s')}"
+best = ui.safely("Reading the best values failed", ui.best_points, uri, tuple(runs["run_id"]), run_stamp)
+best_columns = {}
+for metric, label in BEST_SHOWN.items():
+    points = best[best["metric"] == metric].set_index("run_id")
+    if points.empty:
+        continue
+    best_columns[f"last {label}"] = runs["run_id"].map(points["last"])
+    best_columns[f"best {label}"] = runs["run_id"].map(points["best"])
+    best_columns[f"{label} best at step"] = runs["run_id"].map(points["best_step"])
+table = table.assign(**best_columns)
 st.caption(f"Select runs to compare (the {DEFAULT_SELECTION} most recent are selected at first).")
 picked = st.dataframe(
     table,
@@ -74,7 +84,11 @@ picked = st.dataframe(
     selection_default={"selection": {"rows": list(range(min(DEFAULT_SELECTION, len(table))))}},
     hide_index=True,
     width="stretch",
-    column_config={"started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")},
+    column_config={
+        "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
+        **{name: st.column_config.NumberColumn(format="%.4f") for name in best_columns if "step" not in name},
+        **{name: st.column_config.NumberColumn(format="%d") for name in best_columns if "step" in name},
+    },
 )
 rows = picked.selection.rows if picked is not None else []
 selected = runs.iloc[sorted(rows)]
@@ -121,6 +135,7 @@ def chart(metric: str, title: str) -> go.Figure | None:
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         legend={"title": "run"},
         showlegend=True,  # even for one run: the legend names it
+        hovermode="x unified",  # hovering a step shows every run's value there
     )
     return figure
 
