@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -165,17 +165,22 @@ def stream_tokens(
             model.train(was_training)
 
 
-def _resolve_seed(config: SampleConfig) -> int:
-    if config.seed is not None:
-        return config.seed
+def fresh_seed() -> int:
+    """A new random seed (what an unseeded generation uses, and reports so that it can be repeated)."""
     return int.from_bytes(os.urandom(4), "little")
+
+
+def _resolve_seed(config: SampleConfig) -> int:
+    return config.seed if config.seed is not None else fresh_seed()
 
 
 class TextStream:
     """Iterate to receive, per step, the new text of each sample (``""`` when a sample has nothing new or stopped).
 
     Pieces never split a multi-byte character: bytes of an unfinished character wait for the next token. While or
-    after iterating, :meth:`result` gives the samples so far with counts, timing and the seed used.
+    after iterating, :meth:`result` gives the samples so far with counts, timing and the seed used. The time counted
+    is the model's own (from asking for a step to getting it): not what the consumer does between steps, such as
+    drawing the text or running another model's stream (:func:`side_by_side`).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig):
@@ -191,8 +196,13 @@ class TextStream:
     def __iter__(self) -> Iterator[list[str]]:
         eot, stop_at_eot = self._tokenizer.eot, self._config.stop_at_eot
         decoders = [self._tokenizer.stream_decoder() for _ in range(self._config.num_samples)]
-        start = time.perf_counter()
-        for tokens, active in stream_tokens(self._model, self.prompt_ids, self._config, eot_token=eot, seed=self.seed):
+        steps = stream_tokens(self._model, self.prompt_ids, self._config, eot_token=eot, seed=self.seed)
+        while True:
+            start = time.perf_counter()
+            try:
+                tokens, active = next(steps)
+            except StopIteration:
+                break
             step = []
             for i, (token, is_active) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
                 piece = ""
@@ -203,7 +213,7 @@ class TextStream:
                     piece = decoders[i].push(token)
                 self._pieces[i].append(piece)
                 step.append(piece)
-            self._seconds = time.perf_counter() - start
+            self._seconds += time.perf_counter() - start
             yield step
         tail = [d.flush() for d in decoders]
         for i, piece in enumerate(tail):
@@ -223,6 +233,26 @@ class TextStream:
             prompt_cropped=self.prompt_cropped,
             stopped_at_eot=list(self._stopped),
         )
+
+
+SIDE_BY_SIDE_MAX = 4
+"""The most models that write side by side (the Generate page's columns, ``pipelines.generate --model`` repeated)."""
+
+
+def side_by_side(streams: Sequence[TextStream]) -> Iterator[list[list[str] | None]]:
+    """One step of every stream in turn, until all have ended: per step, each stream's pieces, or None for a stream
+    that has ended. Several models write at once, one token each per step, each timed on its own; each stream draws
+    from its own seeded generator, so the texts are those each model writes alone with the same settings."""
+    iterators = [iter(stream) for stream in streams]
+    live = [True] * len(iterators)
+    while any(live):
+        step: list[list[str] | None] = []
+        for i, iterator in enumerate(iterators):
+            pieces = next(iterator, None) if live[i] else None
+            live[i] = live[i] and pieces is not None
+            step.append(pieces)
+        if any(pieces is not None for pieces in step):
+            yield step
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig) -> Generation:

@@ -1,6 +1,6 @@
 """Generate Shakespeare-style text from a registered model or a checkpoint folder.
 
-Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS | --checkpoint DIR] --prompt TEXT
+Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS ... | --checkpoint DIR] --prompt TEXT
        [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-eot-stop]
        [--device auto|cpu|cuda|mps] [--quantize none|int8] [--data PATH|URL | --no-memorization] [--json]
 
@@ -9,7 +9,13 @@ tracking store (``MLFLOW_TRACKING_URI``, default the SQLite store under ``mlruns
 
 One sample streams to stdout as it is produced; several are printed one after another under a header each.
 --json prints {"samples": [...], "tokens_per_sec": ..., "memorization": [...]}, each sample being the prompt plus its
-continuation.
+continuation. A registered version's measured speed is kept as its ``decode_tokens_per_sec`` tag (the Models page
+shows it).
+
+--model repeated (2 to 4 versions, of any registered models) has them write side by side: the same prompt, settings
+and seed (one drawn for all when --seed is not given), one token each in turn, each timed alone. --json then prints
+{"prompt": ..., "seed": ..., "models": [{"model": "NAME/VERSION", "samples": [...], ...}, ...]}; the Generate
+page's side-by-side texts are these.
 
 Each sample's continuation is measured against the training split (the memorisation meter, core.memorization): the
 share of its 8-token spans found verbatim there and its longest copied span, in characters. The training corpus is
@@ -40,7 +46,9 @@ def build_parser() -> ArgumentParser:
     source.add_argument(
         "--model",
         metavar="REF",
-        help="registered model: NAME (latest version), NAME/VERSION or NAME@ALIAS (default: shakespeare-gpt)",
+        action="append",
+        help="registered model: NAME (latest version), NAME/VERSION or NAME@ALIAS (default: shakespeare-gpt); "
+        "repeat it (up to 4 times) to have several versions write side by side from the same prompt and seed",
     )
     source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to generate from instead")
     parser.add_argument("--prompt", required=True, help="text to continue (cropped to its last tokens if too long)")
@@ -77,28 +85,60 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.checkpoint import load_checkpoint
     from core.device import resolve_device
     from core.errors import UsageError
-    from core.sampling import TextStream
+    from core.sampling import SIDE_BY_SIDE_MAX
     from core.tokenizer import get_tokenizer
 
     config = sample_config(args)
+    refs = args.model or [None]
+    if len(refs) > SIDE_BY_SIDE_MAX:
+        raise UsageError(f"at most {SIDE_BY_SIDE_MAX} models write side by side, got {len(refs)} --model options")
+    if len(set(refs)) < len(refs):
+        raise UsageError(f"a model is named twice in --model {' --model '.join(refs)}; name each version once")
     tokenizer = get_tokenizer()
     device = resolve_device("cpu" if args.quantize == "int8" and args.device == "auto" else args.device)
     if args.quantize == "int8" and device.type != "cpu":
         raise UsageError(f"--quantize int8 runs on the CPU only, not {device.type}; use --device cpu")
+    sources = [_load(args, ref, device, tokenizer) for ref in ([None] if args.checkpoint else refs)]
+    if len(sources) == 1:
+        return _generate_one(args, config, sources[0], tokenizer, device)
+    return _generate_side_by_side(args, config, sources, tokenizer, device)
+
+
+class _Source:
+    """A model to generate from, with what its samples are measured against and where its speed is recorded."""
+
+    def __init__(self, label: str, model, client=None, version=None, run_params=None, trained_sha256=None) -> None:
+        self.label, self.model, self.client, self.version = label, model, client, version
+        self.run_params, self.trained_sha256 = run_params or {}, trained_sha256
+        self.index, self.corpus_meta = None, None
+
+    def measure_copies(self, args: argparse.Namespace, tokenizer) -> None:
+        """Build the memorisation meter's index of this model's training split, unless --no-memorization (after the
+        prompt has been checked: a bad prompt is refused before any corpus is read)."""
+        if not args.no_memorization:
+            self.index, self.corpus_meta = _copy_index(args.data, self.run_params, self.trained_sha256, tokenizer)
+
+
+def _load(args: argparse.Namespace, ref: str | None, device, tokenizer) -> _Source:
+    """The checkpoint (``ref`` None with --checkpoint) or the registered version ``ref`` (default: the latest
+    shakespeare-gpt), int8 when asked."""
+    from core.checkpoint import load_checkpoint
+
     run_params: dict[str, str] = {}
-    trained_sha256 = None
+    trained_sha256 = client = version = None
     if args.checkpoint is not None:
         model, _ = load_checkpoint(args.checkpoint, device=device)
+        label = args.checkpoint
     else:
         from core.registry import load_registered_model
         from core.store import DEFAULT_MODEL_NAME, connect
 
         client = connect()
-        model, version, _ = load_registered_model(client, args.model or DEFAULT_MODEL_NAME, device=device)
-        print(f"model: {version.name}/{version.version} (run {version.run_id})", file=sys.stderr)
+        model, version, _ = load_registered_model(client, ref or DEFAULT_MODEL_NAME, device=device)
+        label = f"{version.name}/{version.version}"
+        print(f"model: {label} (run {version.run_id})", file=sys.stderr)
         if version.run_id and not args.no_memorization:
             run_data = client.get_run(version.run_id).data
             run_params, trained_sha256 = dict(run_data.params), run_data.tags.get("dataset_sha256")
@@ -106,17 +146,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         from core.quantize import quantize_int8
 
         model = quantize_int8(model)
-    stream = TextStream(model, tokenizer, args.prompt, config)  # checks the prompt
-    index, corpus_meta = None, None
-    if not args.no_memorization:
-        index, corpus_meta = _copy_index(args.data, run_params, trained_sha256, tokenizer)
+    return _Source(label, model, client, version, run_params, trained_sha256)
+
+
+def _record_speed(source: _Source, result, device, quantize: str) -> None:
+    """Keep a registered version's measured decoding speed for the Models page; a store that refuses the tag is a
+    note, not a failed generation."""
+    if source.version is None or sum(result.new_tokens) < 8:  # too few tokens to say anything about speed
+        return
+    from mlflow.exceptions import MlflowException
+
+    from core.leaderboard import record_decode_speed
+
+    where = f"{device.type}, {'int8' if quantize == 'int8' else 'fp32'}"
+    try:
+        record_decode_speed(source.client, source.version.name, int(source.version.version), result, where)
+    except MlflowException as exc:
+        print(f"note: the decoding speed was not recorded in the registry: {exc.message}", file=sys.stderr)
+
+
+def _generate_one(args: argparse.Namespace, config, source: _Source, tokenizer, device) -> int:
+    from core.sampling import TextStream
+
+    stream = TextStream(source.model, tokenizer, args.prompt, config)  # checks the prompt
+    source.measure_copies(args, tokenizer)
     if stream.prompt_cropped:
         print(
-            f"notice: the prompt is longer than the {model.config.block_size}-token context; "
+            f"notice: the prompt is longer than the {source.model.config.block_size}-token context; "
             "only its last tokens are used",
             file=sys.stderr,
         )
-
     live = not args.json and config.num_samples == 1  # one sample streams to the terminal as it is produced
     if live:
         sys.stdout.write(args.prompt)
@@ -125,37 +184,80 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
     result = stream.result()
-    reports = None if index is None else [index.report_text(text, tokenizer) for text in result.continuations]
+    _record_speed(source, result, device, args.quantize)
+    reports = _reports(source, result, tokenizer)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "samples": result.samples,
-                    "tokens_per_sec": round(result.tokens_per_sec, 2),
-                    "new_tokens": result.new_tokens,
-                    "seed": result.seed,
-                    "prompt_cropped": result.prompt_cropped,
-                    "memorization": None if reports is None else [report.to_dict() for report in reports],
-                    "memorization_corpus": corpus_meta,
-                }
-            )
-        )
+        print(json.dumps(_document(result, source, reports)))
         return 0
     if live:
         sys.stdout.write("\n")
         if reports is not None:  # stdout keeps only the text of a streamed sample
             print(reports[0].summary(), file=sys.stderr)
     else:
-        for i, sample in enumerate(result.samples, 1):
-            print(f"──── sample {i}/{config.num_samples} ────")
-            print(sample)
-            if reports is not None:
-                print(f"({reports[i - 1].summary()})")
+        _print_samples(result, reports)
     print(
         f"{sum(result.new_tokens)} new tokens at {result.tokens_per_sec:.1f} tokens/s, seed {result.seed}",
         file=sys.stderr,
     )
     return 0
+
+
+def _generate_side_by_side(args: argparse.Namespace, config, sources: list[_Source], tokenizer, device) -> int:
+    """Every model writes from the same prompt, settings and seed, one token each in turn (each timed alone)."""
+    import dataclasses
+
+    from core.sampling import TextStream, fresh_seed, side_by_side
+
+    if config.seed is None:  # one seed for all: the comparison is of the models, not of their luck
+        config = dataclasses.replace(config, seed=fresh_seed())
+    streams = [TextStream(source.model, tokenizer, args.prompt, config) for source in sources]  # check the prompt
+    for source in sources:
+        source.measure_copies(args, tokenizer)
+    for _ in side_by_side(streams):
+        pass
+    results = [stream.result() for stream in streams]
+    for source, result in zip(sources, results, strict=True):
+        _record_speed(source, result, device, args.quantize)
+    reports = [_reports(source, result, tokenizer) for source, result in zip(sources, results, strict=True)]
+    if args.json:
+        documents = [
+            {"model": source.label, **_document(result, source, report)}
+            for source, result, report in zip(sources, results, reports, strict=True)
+        ]
+        print(json.dumps({"prompt": args.prompt, "seed": config.seed, "models": documents}))
+        return 0
+    for source, result, report in zip(sources, results, reports, strict=True):
+        print(f"════ {source.label} ════")
+        _print_samples(result, report)
+        print(f"{sum(result.new_tokens)} new tokens at {result.tokens_per_sec:.1f} tokens/s")
+    print(f"seed {config.seed} (the same for every model)", file=sys.stderr)
+    return 0
+
+
+def _reports(source: _Source, result, tokenizer) -> list | None:
+    if source.index is None:
+        return None
+    return [source.index.report_text(text, tokenizer) for text in result.continuations]
+
+
+def _document(result, source: _Source, reports) -> dict:
+    return {
+        "samples": result.samples,
+        "tokens_per_sec": round(result.tokens_per_sec, 2),
+        "new_tokens": result.new_tokens,
+        "seed": result.seed,
+        "prompt_cropped": result.prompt_cropped,
+        "memorization": None if reports is None else [report.to_dict() for report in reports],
+        "memorization_corpus": source.corpus_meta,
+    }
+
+
+def _print_samples(result, reports) -> None:
+    for i, sample in enumerate(result.samples, 1):
+        print(f"──── sample {i}/{len(result.samples)} ────")
+        print(sample)
+        if reports is not None:
+            print(f"({reports[i - 1].summary()})")
 
 
 def _copy_index(data: str | None, run_params: dict[str, str], trained_sha256: str | None, tokenizer):

@@ -518,3 +518,40 @@ def test_train_refuses_a_block_size_above_the_context(tmp_path, monkeypatch, sha
         "pipelines.train", "--device", "cpu", "--preset", "tiny", "--block-size", "256", "--data", str(shakespeare_path)
     )
     assert_usage_error(result, "block size 256 is above the model's context of 128; use --block-size 128 or less")
+
+
+def test_several_models_write_side_by_side_what_each_writes_alone(tmp_path, monkeypatch, tiny_checkpoint, tiny_model):
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.leaderboard import DECODE_SPEED_TAG
+    from core.model import GPT
+    from core.registry import log_and_register
+    from core.store import connect, ensure_experiment
+
+    torch.manual_seed(9)
+    other = save_checkpoint(GPT(tiny_model.config).eval(), tmp_path / "other")
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    client = connect(uri)
+    for checkpoint in (tiny_checkpoint, other):
+        log_and_register(client, client.create_run(ensure_experiment(client, "cli")).info.run_id, checkpoint, "bard")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    base = ("pipelines.generate", "--prompt", "ROMEO:", "--max-new-tokens", "10", "--no-memorization", "--json")
+    both = cli_in_process(*base, "--model", "bard/1", "--model", "bard/2", "--seed", "5")
+    assert both.returncode == 0, both.stderr
+    document = json.loads(both.stdout)
+    assert (document["prompt"], document["seed"]) == ("ROMEO:", 5)
+    assert [m["model"] for m in document["models"]] == ["bard/1", "bard/2"]
+    for entry in document["models"]:
+        alone = json.loads(cli_in_process(*base, "--model", entry["model"], "--seed", "5").stdout)
+        assert entry["samples"] == alone["samples"] and entry["tokens_per_sec"] > 0
+    assert document["models"][0]["samples"] != document["models"][1]["samples"]  # two different models
+    # The measured speed is kept on each version for the Models page.
+    assert client.get_model_version("bard", "2").tags[DECODE_SPEED_TAG].endswith("(cpu, fp32, 1 × 10 tokens)")
+    unseeded = json.loads(cli_in_process(*base, "--model", "bard/1", "--model", "bard/2").stdout)
+    assert {m["seed"] for m in unseeded["models"]} == {unseeded["seed"]}  # one seed drawn for all
+    human = cli_in_process(*base[:-1], "--model", "bard/1", "--model", "bard/2")
+    assert human.stdout.count("════ bard/") == 2 and human.stdout.count("──── sample 1/1") == 2
+    assert_usage_error(cli_in_process(*base, *["--model", "bard/1"] * 2), "named twice")
+    five = [arg for v in range(1, 6) for arg in ("--model", f"bard/{v}")]
+    assert_usage_error(cli_in_process(*base, *five), "at most 4 models write side by side, got 5")

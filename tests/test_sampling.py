@@ -186,3 +186,29 @@ def test_extreme_temperatures_and_top_p_are_greedy_not_nan(tiny_model, tokenizer
     for top_k in (None, 50):
         config = SampleConfig(max_new_tokens=6, temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
         assert generate(tiny_model, tokenizer, "KING:", config).samples == greedy.samples
+
+
+def test_side_by_side_streams_write_what_each_model_writes_alone(tiny_model, tokenizer):
+    from core.sampling import side_by_side
+
+    torch.manual_seed(1)
+    other = GPT(tiny_model.config).eval()
+    config = SampleConfig(max_new_tokens=12, num_samples=2, seed=4, stop_at_eot=False)
+    alone = [generate(model, tokenizer, "ROMEO:", config).samples for model in (tiny_model, other)]
+    streams = [TextStream(model, tokenizer, "ROMEO:", config) for model in (tiny_model, other)]
+    texts = [["ROMEO:"] * 2, ["ROMEO:"] * 2]
+    for step in side_by_side(streams):
+        for m, pieces in enumerate(step):
+            if pieces is not None:
+                texts[m] = [text + piece for text, piece in zip(texts[m], pieces, strict=True)]
+    assert texts == alone == [stream.result().samples for stream in streams]
+    assert all(stream.result().new_tokens == [12, 12] for stream in streams)
+
+
+def test_a_streams_time_is_the_models_own_not_the_consumers(tiny_model, tokenizer):
+    import time
+
+    stream = TextStream(tiny_model, tokenizer, "ROMEO:", SampleConfig(max_new_tokens=5, seed=1, stop_at_eot=False))
+    for _ in stream:
+        time.sleep(0.2)  # a slow consumer: drawing the text, another model's turn (a second in all)
+    assert stream.result().seconds < 0.5
