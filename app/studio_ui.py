@@ -105,14 +105,14 @@ def histories(
     return run_queries.metric_histories(client_for(uri), list(run_ids), list(metrics), max_points=max_points)
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+@st.cache_resource(show_spinner="Loading the model…", max_entries=5)  # side by side: up to 4 at once
 def model_for(uri: str, name: str, version: int):
     """The registered model ``name``/``version`` with its registry version and checkpoint document, loaded once
     per version for every session (the core loader refuses anything the studio did not write)."""
     return load_registered_model(client_for(uri), f"{name}/{version}")
 
 
-@st.cache_resource(show_spinner="Quantizing the model to int8…", max_entries=1)
+@st.cache_resource(show_spinner="Quantizing the model to int8…", max_entries=4)
 def int8_model_for(uri: str, name: str, version: int):
     """An int8 copy of :func:`model_for`'s model (:func:`core.quantize.quantize_int8`), made once per version; the
     cached fp32 model itself is left unchanged."""

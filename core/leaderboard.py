@@ -145,12 +145,13 @@ def set_alias(client, name: str, version: int, alias: str) -> int | None:
     return None if previous is None or int(previous) == int(version) else int(previous)
 
 
-def record_decode_speed(client, name: str, version: int, generation, where: str) -> str:
-    """Keep ``generation``'s decoding speed (a :class:`core.sampling.Generation` of version ``name``/``version``) as
-    the version's :data:`DECODE_SPEED_TAG` tag, e.g. ``"41.3 tokens/s (cpu, fp32, 1 × 200 tokens)"``, where the
-    leaderboard shows it; returns the tag. ``where`` says how it ran (device and precision)."""
-    samples, tokens = len(generation.new_tokens), max(generation.new_tokens, default=0)
-    tag = f"{generation.tokens_per_sec:.1f} tokens/s ({where}, {samples} × {tokens} tokens)"
+def record_decode_speed(
+    client, name: str, version: int, tokens_per_sec: float, samples: int, tokens: int, where: str
+) -> str:
+    """Keep a measured decoding speed of version ``name``/``version`` as its :data:`DECODE_SPEED_TAG` tag, e.g.
+    ``"41.3 tokens/s (cpu, fp32, 1 × 200 tokens)"`` (``samples`` in the batch, ``tokens`` new tokens each, ``where``
+    the device and precision), where the leaderboard shows it; returns the tag."""
+    tag = f"{tokens_per_sec:.1f} tokens/s ({where}, {samples} × {tokens} tokens)"
     client.set_model_version_tag(name, str(version), DECODE_SPEED_TAG, tag)
     return tag
 

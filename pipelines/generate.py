@@ -160,7 +160,11 @@ def _record_speed(source: _Source, result, device, quantize: str) -> None:
 
     where = f"{device.type}, {'int8' if quantize == 'int8' else 'fp32'}"
     try:
-        record_decode_speed(source.client, source.version.name, int(source.version.version), result, where)
+        version = source.version
+        samples, tokens = len(result.new_tokens), max(result.new_tokens)
+        record_decode_speed(
+            source.client, version.name, int(version.version), result.tokens_per_sec, samples, tokens, where
+        )
     except MlflowException as exc:
         print(f"note: the decoding speed was not recorded in the registry: {exc.message}", file=sys.stderr)
 

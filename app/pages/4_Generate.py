@@ -1,24 +1,20 @@
-"""Generate: pick a registered model and version or alias, and stream Shakespeare-style samples side by side, each
-with its memorisation meter (how much of it is copied from the training split)."""
+"""Generate: pick a registered model and version or alias (or 2 to 4 versions side by side), and stream
+Shakespeare-style samples, each with its memorisation meter (how much of it is copied from the training split); stop
+a generation part-way and keep its text, and save a sample you like to its model version."""
 
 from __future__ import annotations
 
-import html
-import time
-
+import generation_view as view
 import streamlit as st
 import studio_ui as ui
 
 from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP, SampleConfig
-from core.errors import StudioError
-from core.sampling import TextStream
+from core.sampling import SIDE_BY_SIDE_MAX, fresh_seed
 from core.store import tracking_uri
 from core.tokenizer import get_tokenizer
 
-# Redraw the streaming samples at most this often: a redraw per token would cost more than the token.
-REDRAW_S = 0.1
-COLUMNS_PER_ROW = 3
 SEED_DIGITS = 19  # 2^63 - 1, the largest seed, has 19 digits
+ONE_MODEL, SIDE_BY_SIDE = "One model", "Side by side"
 
 ui.setup_page("Generate", "✒️")
 uri = tracking_uri()
@@ -36,26 +32,43 @@ if ready.empty:
     ui.page_link("Train", label="Go to Train", icon="🏋️")
     st.stop()
 
-# A link from the Train page preselects ?model=NAME&version=N.
-wanted_name = st.query_params.get("model")
-wanted_version = st.query_params.get("version")
-names = list(dict.fromkeys(ready["name"]))
-pick_model, pick_version = st.columns(2)
-name = pick_model.selectbox("Model", names, index=names.index(wanted_name) if wanted_name in names else 0)
-versions = ready[ready["name"] == name]
-choices = ["latest"] + [f"@{a}" for a in sorted({a for v in versions["aliases"] for a in v.split(", ") if a})]
-choices += [f"version {v}" for v in versions["version"]]
-preselect = f"version {wanted_version}" if wanted_name == name and wanted_version else "latest"
-choice = pick_version.selectbox(
-    "Version or alias", choices, index=choices.index(preselect) if preselect in choices else 0
-)
-if choice == "latest":
-    version = int(versions["version"].max())
-elif choice.startswith("@"):
-    alias = choice[1:]
-    version = int(versions[versions["aliases"].str.split(", ").apply(lambda a: alias in a)]["version"].iloc[0])
+mode = st.radio("Generate with", [ONE_MODEL, SIDE_BY_SIDE], horizontal=True, key="mode")
+if mode == ONE_MODEL:
+    # A link from the Train page preselects ?model=NAME&version=N.
+    wanted_name = st.query_params.get("model")
+    wanted_version = st.query_params.get("version")
+    names = list(dict.fromkeys(ready["name"]))
+    pick_model, pick_version = st.columns(2)
+    name = pick_model.selectbox("Model", names, index=names.index(wanted_name) if wanted_name in names else 0)
+    versions = ready[ready["name"] == name]
+    choices = ["latest"] + [f"@{a}" for a in sorted({a for v in versions["aliases"] for a in v.split(", ") if a})]
+    choices += [f"version {v}" for v in versions["version"]]
+    preselect = f"version {wanted_version}" if wanted_name == name and wanted_version else "latest"
+    choice = pick_version.selectbox(
+        "Version or alias", choices, index=choices.index(preselect) if preselect in choices else 0
+    )
+    if choice == "latest":
+        version = int(versions["version"].max())
+    elif choice.startswith("@"):
+        alias = choice[1:]
+        version = int(versions[versions["aliases"].str.split(", ").apply(lambda a: alias in a)]["version"].iloc[0])
+    else:
+        version = int(choice.removeprefix("version "))
+    picks = [(name, version)]
 else:
-    version = int(choice.removeprefix("version "))
+    labels = {
+        f"{row.name}/{row.version}": f"{row.name}/{row.version}" + (f" (@{row.aliases})" if row.aliases else "")
+        for row in ready.itertuples(index=False)
+    }
+    chosen = st.multiselect(
+        f"Versions to compare (2 to {SIDE_BY_SIDE_MAX})",
+        list(labels),
+        default=list(labels)[:2],
+        format_func=labels.get,
+        max_selections=SIDE_BY_SIDE_MAX,
+        help="They write from the same prompt, settings and seed, one token each in turn, each timed alone.",
+    )
+    picks = [(ref.rsplit("/", 1)[0], int(ref.rsplit("/", 1)[1])) for ref in chosen]
 
 with st.form("generate"):
     prompt = st.text_area("Prompt", "ROMEO:", height=100)
@@ -73,11 +86,13 @@ with st.form("generate"):
     )
     go = st.form_submit_button("Generate", type="primary")
 
-model, registry_version, _ = ui.safely("Loading the model failed", ui.model_for, uri, name, version)
-st.caption(
-    f"{name} version {version} · run `{registry_version.run_id}` · {model.config.n_layer} blocks × "
-    f"{model.config.n_embd} · context {model.config.block_size}"
-)
+if mode == ONE_MODEL:
+    model, registry_version, _ = ui.safely("Loading the model failed", ui.model_for, uri, *picks[0])
+    st.caption(
+        f"{picks[0][0]} version {picks[0][1]} · run `{registry_version.run_id}` · {model.config.n_layer} blocks × "
+        f"{model.config.n_embd} · context {model.config.block_size}"
+    )
+view.show_notice()
 
 if go:
     if not prompt.strip():
@@ -90,6 +105,9 @@ if go:
             f"The seed must be a whole number from 0 to 2^63 − 1, got {seed_text!r}; leave it empty for a random one."
         )
         st.stop()
+    if len(picks) < 2 and mode == SIDE_BY_SIDE:
+        st.error(f"Pick 2 to {SIDE_BY_SIDE_MAX} versions to compare side by side.")
+        st.stop()
     config = ui.safely(
         "Invalid settings",
         SampleConfig,
@@ -98,57 +116,26 @@ if go:
         temperature=float(temperature),
         top_k=int(top_k) or None,
         top_p=float(top_p),
-        seed=int(seed) if seed else None,
+        # One seed for every model (drawn now when none is given): the samples can be written again, and saved.
+        seed=int(seed) if seed else fresh_seed(),
     )
-    generator = ui.safely("Quantizing failed", ui.int8_model_for, uri, name, version) if int8 else model
-    stream = ui.safely("Generation failed", TextStream, generator, tokenizer(), prompt, config)
-    if stream.prompt_cropped:
-        st.warning(f"The prompt is longer than the {model.config.block_size}-token context; only its end is used.")
-    copy_index, copy_note = ui.safely("Reading the model's run failed", ui.copy_meter, uri, registry_version.run_id)
-    boxes, meters = [], []
-    per_row = min(config.num_samples, COLUMNS_PER_ROW)
-    for _ in range(0, config.num_samples, per_row):
-        for column in st.columns(per_row):
-            if len(boxes) < config.num_samples:
-                with column:
-                    st.markdown(f"**Sample {len(boxes) + 1}**")
-                    boxes.append(st.empty())
-                    meters.append(st.empty())
-    texts = [prompt] * config.num_samples
-    status = st.empty()
-
-    def draw() -> None:
-        for box, text in zip(boxes, texts, strict=True):
-            box.markdown(f"<div class='sample'>{html.escape(text)}</div>", unsafe_allow_html=True)
-
-    st.markdown(
-        "<style>.sample{white-space:pre-wrap;font-family:Georgia,serif;line-height:1.45;border:1px solid "
-        "rgba(128,128,128,.3);border-radius:.5rem;padding:.75rem;max-height:32rem;overflow-y:auto}</style>",
-        unsafe_allow_html=True,
-    )
-    last = 0.0
-    try:
-        for pieces in stream:
-            texts = [text + piece for text, piece in zip(texts, pieces, strict=True)]
-            if time.perf_counter() - last >= REDRAW_S:
-                draw()
-                result = stream.result()
-                status.caption(f"{sum(result.new_tokens):,} tokens · {result.tokens_per_sec:,.1f} tokens/s")
-                last = time.perf_counter()
-    except StudioError as exc:  # the samples run while streaming: e.g. too many for the device's memory
-        ui.show_error(exc, "Generation failed")
-        st.stop()
-    result = stream.result()
-    texts = result.samples
-    draw()
-    status.caption(
-        f"{sum(result.new_tokens):,} new tokens in {result.seconds:.2f} s · "
-        f"**{result.tokens_per_sec:,.1f} tokens/s**{' (int8)' if int8 else ''} · seed {result.seed} "
-        "(enter it to get these samples again)"
-    )
-    if copy_index is not None:
-        for meter, continuation in zip(meters, result.continuations, strict=True):
-            with meter.container():
-                ui.show_copy_report(copy_index.report_text(continuation, tokenizer()))
-    if copy_note:
-        st.caption(f"ℹ️ {copy_note}")
+    loaded = [ui.safely("Loading the model failed", ui.model_for, uri, name, version) for name, version in picks]
+    models = [
+        ui.safely("Quantizing failed", ui.int8_model_for, uri, name, version) if int8 else model
+        for (name, version), (model, _, _) in zip(picks, loaded, strict=True)
+    ]
+    columns = [
+        view.Column(name, version, registry_version.run_id, [prompt] * config.num_samples)
+        for (name, version), (_, registry_version, _) in zip(picks, loaded, strict=True)
+    ]
+    device = next(loaded[0][0].parameters()).device.type
+    generated = view.Generated(prompt, config, int8, columns, device=device)
+    ui.safely("Generation failed", view.stream, uri, generated, models, tokenizer())
+    view.record_speeds(uri, generated)
+elif isinstance(kept := st.session_state.get(view.STATE), view.Generated):
+    generated = kept
+    view.show(generated)
+else:
+    st.stop()
+view.show_meters(uri, generated, tokenizer())
+view.save_buttons(uri, generated)
