@@ -1,10 +1,12 @@
 """The Generate page: pick a registered model, generate, and refuse bad input."""
 
 import html
+import json
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import app_page
+from tests.conftest import app_page, cli_in_process
 
 PAGE = "pages/4_Generate.py"
 
@@ -176,3 +178,98 @@ def test_without_the_training_corpus_the_samples_come_without_the_meter(studio_s
     assert not app.exception
     assert len(samples(app)) == 3 and not meter_captions(app)
     assert any(c.value.startswith("ℹ️ Memorisation not measured: corpus file not found") for c in app.caption)
+
+
+@pytest.fixture
+def two_versions(studio_store, tmp_path, tiny_model):
+    """studio_store's shakespeare-gpt v1 and a v2 with other weights, from the same run."""
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.model import GPT
+    from core.registry import log_and_register
+    from core.store import connect
+
+    client = connect(studio_store)
+    torch.manual_seed(9)
+    other = save_checkpoint(GPT(tiny_model.config).eval(), tmp_path / "other")
+    log_and_register(client, client.get_model_version("shakespeare-gpt", "1").run_id, other)
+    return client
+
+
+def side_by_side(app: AppTest) -> AppTest:
+    app.radio[0].set_value("Side by side").run()
+    return app
+
+
+def test_side_by_side_versions_write_what_the_cli_writes_for_them(two_versions, monkeypatch):
+    app = side_by_side(app_page(PAGE).run())
+    assert app.multiselect[0].value == ["shakespeare-gpt/1", "shakespeare-gpt/2"]
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(10)
+    app.text_input[0].set_value("5")
+    app.button[0].click().run()
+    assert not app.exception
+    texts = [html.unescape(t.removeprefix("<div class='sample'>").removesuffix("</div>")) for t in samples(app)]
+    assert len(texts) == 6  # 3 samples in each model's column
+    assert [m.value for m in app.markdown if m.value.startswith("**shakespeare-gpt/")] == [
+        "**shakespeare-gpt/1**",
+        "**shakespeare-gpt/2**",
+    ]
+    assert sum("tokens/s" in c.value and "seed 5" in c.value for c in app.caption) == 2
+    cli = cli_in_process(
+        "pipelines.generate", "--model", "shakespeare-gpt/1", "--model", "shakespeare-gpt/2", "--prompt", "ROMEO:",
+        "--num-samples", "3", "--max-new-tokens", "10", "--seed", "5", "--no-memorization", "--json",
+    )  # fmt: skip
+    assert [s for m in json.loads(cli.stdout)["models"] for s in m["samples"]] == texts
+    # The generation stays on the page when it reruns for anything else.
+    app.run()
+    assert [html.unescape(t)[len("<div class='sample'>") : -len("</div>")] for t in samples(app)] == texts
+
+
+def test_side_by_side_needs_two_versions_and_a_deleted_one_is_one_line(two_versions):
+    app = side_by_side(app_page(PAGE).run())
+    app.multiselect[0].set_value(["shakespeare-gpt/2"])
+    app.button[0].click().run()
+    assert not app.exception
+    assert "Pick 2 to 4 versions to compare side by side." in app.error[0].value and not samples(app)
+    app.multiselect[0].set_value(["shakespeare-gpt/1", "shakespeare-gpt/2"])
+    two_versions.delete_model_version("shakespeare-gpt", "2")  # in the MLflow UI, while the page is open
+    app.button[0].click().run()
+    assert not app.exception
+    [error] = app.error
+    assert error.value.startswith("Loading the model failed") and not samples(app)
+
+
+def test_a_stopped_generation_keeps_its_text_and_says_so(studio_store):
+    import generation_view as view
+
+    from core.config import SampleConfig
+
+    app = app_page(PAGE).run()
+    column = view.Column("shakespeare-gpt", 1, None, ["ROMEO: so far"], new_tokens=2, seed=3)
+    app.session_state[view.STATE] = view.Generated("ROMEO:", SampleConfig(seed=3), False, [column], done=False)
+    app.run()
+    assert not app.exception
+    assert "Stopped" in app.info[0].value
+    assert samples(app) == ["<div class='sample'>ROMEO: so far</div>"]
+
+
+def test_a_sample_is_saved_to_its_version_and_a_failed_save_is_one_line(studio_store):
+    from core.saved_samples import list_saved_samples
+    from core.store import connect
+
+    app = app_page(PAGE).run()
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(6)
+    app.text_input[0].set_value("8")
+    app.button[0].click().run()
+    texts = [html.unescape(t.removeprefix("<div class='sample'>").removesuffix("</div>")) for t in samples(app)]
+    next(b for b in app.button if b.label == "💾 Save sample 2").click().run()
+    assert not app.exception
+    assert app.success[0].value.startswith("Saved to shakespeare-gpt/1")
+    [saved] = list_saved_samples(connect(studio_store), "shakespeare-gpt", 1)
+    assert (saved["sample"], saved["seed"], saved["prompt"]) == (texts[1], 8, "ROMEO:")
+    assert saved["settings"]["max_new_tokens"] == 6
+    connect(studio_store).delete_model_version("shakespeare-gpt", "1")
+    next(b for b in app.button if b.label == "💾 Save sample 1").click().run()
+    assert not app.exception
+    assert "Saving failed" in app.error[0].value and "no longer exists" in app.error[0].value

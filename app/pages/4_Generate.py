@@ -9,6 +9,7 @@ import streamlit as st
 import studio_ui as ui
 
 from core.config import MAX_NEW_TOKENS_CAP, NUM_SAMPLES_CAP, SampleConfig
+from core.registry import resolve_model_version
 from core.sampling import SIDE_BY_SIDE_MAX, fresh_seed
 from core.store import tracking_uri
 from core.tokenizer import get_tokenizer
@@ -58,12 +59,13 @@ if mode == ONE_MODEL:
 else:
     labels = {
         f"{row.name}/{row.version}": f"{row.name}/{row.version}" + (f" (@{row.aliases})" if row.aliases else "")
-        for row in ready.itertuples(index=False)
+        for row in ready.sort_values(["name", "version"]).itertuples(index=False)
     }
+    newest = [f"{row.name}/{row.version}" for row in ready.itertuples(index=False)][:2]  # the registry's newest
     chosen = st.multiselect(
         f"Versions to compare (2 to {SIDE_BY_SIDE_MAX})",
         list(labels),
-        default=list(labels)[:2],
+        default=[ref for ref in labels if ref in newest],
         format_func=labels.get,
         max_selections=SIDE_BY_SIDE_MAX,
         help="They write from the same prompt, settings and seed, one token each in turn, each timed alone.",
@@ -119,6 +121,8 @@ if go:
         # One seed for every model (drawn now when none is given): the samples can be written again, and saved.
         seed=int(seed) if seed else fresh_seed(),
     )
+    for name, version in picks:  # still registered? (the models are cached; the MLflow UI may have deleted one)
+        ui.safely("Loading the model failed", resolve_model_version, ui.client(), f"{name}/{version}")
     loaded = [ui.safely("Loading the model failed", ui.model_for, uri, name, version) for name, version in picks]
     models = [
         ui.safely("Quantizing failed", ui.int8_model_for, uri, name, version) if int8 else model
