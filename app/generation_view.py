@@ -176,11 +176,7 @@ def show_notice() -> None:
 def _layout(generated: Generated):
     """A column per model (its name above its samples) and a status line under each; returns the text boxes
     (per column, per sample) and the status lines."""
-    st.markdown(
-        "<style>.sample{white-space:pre-wrap;font-family:Georgia,serif;line-height:1.45;border:1px solid "
-        "rgba(128,128,128,.3);border-radius:.5rem;padding:.75rem;max-height:32rem;overflow-y:auto}</style>",
-        unsafe_allow_html=True,
-    )
+    ui.sample_style()
     boxes, statuses = [], []
     for slot, column in zip(st.columns(len(generated.columns)), generated.columns, strict=True):
         with slot:

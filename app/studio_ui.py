@@ -88,6 +88,14 @@ def leaderboard(uri: str) -> pd.DataFrame:
     return versions_leaderboard(client_for(uri))
 
 
+@st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
+def saved_samples(uri: str, name: str, version: int) -> list[dict]:
+    """:func:`core.saved_samples.list_saved_samples` of ``name``/``version`` in store ``uri``."""
+    from core.saved_samples import list_saved_samples
+
+    return list_saved_samples(client_for(uri), name, version)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def best_points(uri: str, run_ids: tuple[str, ...], stamp: str) -> pd.DataFrame:
     """:func:`core.leaderboard.best_points` of ``run_ids``; ``stamp`` changes when a run may have new points."""
@@ -153,6 +161,15 @@ def copy_meter(uri: str, run_id: str | None):
         return None, f"Memorisation not measured: {exc}"
     index = copy_index_for(str(corpus.directory.resolve()), corpus.meta["sha256"], corpus)
     return index, corpus_mismatch(corpus, trained_sha256)
+
+
+def sample_style() -> None:
+    """The look of generated text (``<div class='sample'>``): the play's line breaks kept, in a serif face."""
+    st.markdown(
+        "<style>.sample{white-space:pre-wrap;font-family:Georgia,serif;line-height:1.45;border:1px solid "
+        "rgba(128,128,128,.3);border-radius:.5rem;padding:.75rem;max-height:32rem;overflow-y:auto}</style>",
+        unsafe_allow_html=True,
+    )
 
 
 def show_copy_report(report) -> None:

@@ -90,3 +90,23 @@ def test_a_version_deleted_in_the_mlflow_ui_while_the_page_is_open_is_refused(tw
     assert not app.exception
     assert "version 2 no longer exists" in app.error[0].value
     assert two_versions.get_registered_model("shakespeare-gpt").aliases == {"champion": 1}
+
+
+def test_saved_samples_are_listed_under_their_version(two_versions):
+    from core.config import SampleConfig
+    from core.saved_samples import save_sample
+
+    save_sample(
+        two_versions, "shakespeare-gpt", 1, prompt="ROMEO:", sample="ROMEO: <b>soft</b>", settings=SampleConfig(seed=4)
+    )
+    run_id = two_versions.get_model_version("shakespeare-gpt", "1").run_id
+    two_versions.log_text(run_id, "{broken", "saved_samples/shakespeare-gpt-v1/zz-broken.json")
+    app = app_page(PAGE).run()
+    refs = next(box for box in app.selectbox if box.label == "Version")
+    refs.set_value("shakespeare-gpt/1").run()
+    assert not app.exception
+    assert "<div class='sample'>ROMEO: &lt;b&gt;soft&lt;/b&gt;</div>" in [m.value for m in app.markdown]
+    assert any("seed 4" in c.value and "temperature 0.8" in c.value for c in app.caption)
+    assert "zz-broken.json" in app.warning[0].value and "not a saved sample" in app.warning[0].value
+    refs.set_value("shakespeare-gpt/2").run()
+    assert any(c.value.startswith("Nothing saved for shakespeare-gpt/2 yet") for c in app.caption)

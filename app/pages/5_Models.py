@@ -3,6 +3,8 @@ across versions, which version each alias points at, and moving an alias (e.g. `
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import streamlit as st
 import studio_ui as ui
@@ -105,5 +107,23 @@ if promote:
     was = f" (moved from version {moved_from})" if moved_from else ""
     st.session_state["models-notice"] = f"{model_name}@{alias.strip()} is version {int(version)}{was}."
     st.rerun()
+st.subheader("Saved samples")
+refs = [f"{row.name}/{row.version}" for row in board.itertuples(index=False)]
+ref = st.selectbox("Version", refs, help="Samples saved from the Generate page are kept with their version's run.")
+saved_name, saved_version = ref.rsplit("/", 1)
+saved = ui.safely("Reading the saved samples failed", ui.saved_samples, uri, saved_name, int(saved_version))
+if not saved:
+    st.caption(f"Nothing saved for {ref} yet: generate with it and press 💾 Save under a sample you like.")
+ui.sample_style()
+for entry in saved:
+    if "error" in entry:
+        st.warning(f"`{entry['path']}`: {entry['error']}", icon="⚠️")
+        continue
+    settings = entry.get("settings", {})
+    st.markdown(f"<div class='sample'>{html.escape(entry['sample'])}</div>", unsafe_allow_html=True)
+    st.caption(
+        f"saved {entry.get('saved_at', '?')} · seed {entry['seed']} · temperature {settings.get('temperature')} · "
+        f"top-k {settings.get('top_k')} · top-p {settings.get('top_p')} · {settings.get('max_new_tokens')} new tokens"
+    )
 st.caption("The same registry is in the MLflow UI's Models tab:")
 ui.mlflow_ui_hint()
