@@ -97,6 +97,14 @@ def saved_samples(uri: str, name: str, version: int) -> list[dict]:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
+def run_samples(uri: str, run_ids: tuple[str, ...], stamp: str) -> pd.DataFrame:
+    """:func:`core.run_samples.samples_by_step` of ``run_ids``; ``stamp`` changes when a run may have new samples."""
+    from core.run_samples import samples_by_step
+
+    return samples_by_step(client_for(uri), list(run_ids))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
 def best_points(uri: str, run_ids: tuple[str, ...], stamp: str) -> pd.DataFrame:
     """:func:`core.leaderboard.best_points` of ``run_ids``; ``stamp`` changes when a run may have new points."""
     from core.leaderboard import best_points as best_of

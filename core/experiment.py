@@ -28,7 +28,6 @@ import dataclasses
 import json
 import re
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,9 +42,10 @@ from core.checkpoint import CheckpointError, latest_resumable_checkpoint, read_t
 from core.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from core.distributed import SINGLE, DistContext, broadcast_text, watch_launcher
 from core.errors import UsageError
-from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, existing_run, quiet_artifacts
+from core.run_samples import logged_samples
+from core.store import DEFAULT_STORE_DIR, connect, ensure_experiment, existing_run
 from core.store import tracking_uri as current_tracking_uri
-from core.tracking import MlflowLogger, log_params, parse_samples, process_tags, run_tags
+from core.tracking import MlflowLogger, log_params, process_tags, run_tags
 from core.trainer import Trainer
 
 CHECKPOINT_DIR_TAG = "checkpoint_dir"
@@ -426,7 +426,7 @@ def resume_training(
     run = client.get_run(run_id)
     if run.info.status not in RESUMABLE_STATUSES:  # changed since find_resume_point looked
         raise UsageError(f"run {run_id} is {run.info.status} now; it can no longer be resumed")
-    samples = [(step, text) for step, text in _logged_samples(client, run_id) if step <= point.step]
+    samples = [(step, text) for step, text in logged_samples(client, run_id) if step <= point.step]
     # This process trains the run now: its process tags first, so that nothing looking for RUNNING runs whose
     # process died (core.jobs) ever sees the run RUNNING with the stopped process's pid.
     tags = {**process_tags(), "resumed_from_step": str(point.step)}
@@ -439,12 +439,3 @@ def resume_training(
         on_run_created(run_id)
     logger = MlflowLogger(client, run_id, samples=samples, logged_through=point.logged_through)
     return _train_and_end(client, run_id, trainer, point.tracking, [logger, *callbacks], point.checkpoint.parents[1])
-
-
-def _logged_samples(client, run_id: str) -> list[tuple[int, str]]:
-    """The samples in the run's ``samples.txt`` artifact (none when it has none)."""
-    if "samples.txt" not in {a.path for a in client.list_artifacts(run_id)}:
-        return []
-    with quiet_artifacts(), tempfile.TemporaryDirectory() as scratch:
-        path = client.download_artifacts(run_id, "samples.txt", scratch)
-        return parse_samples(Path(path).read_text(encoding="utf-8"))

@@ -72,3 +72,32 @@ def test_the_table_shows_each_metrics_best_and_its_step_beside_the_last_and_hove
     assert table.loc["run-1", "best loss"] == table.loc["run-1", "last loss"]  # a falling loss: its last is its best
     assert table.loc["run-1", "loss best at step"] == 50
     assert charts(app)["loss"]["layout"]["hovermode"] == "x unified"
+
+
+def test_the_runs_samples_are_a_grid_of_one_column_per_run_and_one_row_per_step(studio_store):
+    from core.store import connect
+    from core.tracking import format_samples
+
+    client = connect(studio_store)
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs(["1"])}
+    client.log_text(runs["run-0"], format_samples([(10, "ROMEO: a <b>"), (20, "ROMEO: ab")]), "samples.txt")
+    client.log_text(runs["run-1"], format_samples([(20, "ROMEO: xy"), (30, "ROMEO: xyz")]), "samples.txt")
+    app = app_page(PAGE).run()
+    assert not app.exception
+    cells = [m.value for m in app.markdown]
+    header = cells.index("**step**")
+    assert cells[header : header + 3] == ["**step**", "**run-1**", "**run-0**"]  # the table's order: newest first
+    rows = cells[header + 3 : header + 3 + 9]
+    assert rows == [
+        "30", "<div class='sample'>ROMEO: xyz</div>", "–",
+        "20", "<div class='sample'>ROMEO: xy</div>", "<div class='sample'>ROMEO: ab</div>",
+        "10", "–", "<div class='sample'>ROMEO: a &lt;b&gt;</div>",
+    ]  # fmt: skip
+    app.slider[-1].set_value(1).run()  # only the newest step
+    cells = [m.value for m in app.markdown]
+    assert "20" not in cells[cells.index("**step**") :]
+
+
+def test_runs_without_samples_say_how_to_get_them(studio_store):
+    app = app_page(PAGE).run()
+    assert any("logged no periodic samples" in c.value for c in app.caption)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -19,6 +21,7 @@ CHARTS = {
     "val_loss": "validation loss",
 }
 DEFAULT_SELECTION = 5
+SAMPLE_ROWS = 6  # steps of the samples grid shown at first, newest first
 # Points per curve after downsampling (min/max per bucket, so spikes survive): 10 runs × 20,000 steps stay fast.
 MAX_POINTS = 1000
 TABLE_COLUMNS = {
@@ -149,6 +152,32 @@ for start in range(0, len(shown), 2):
             st.plotly_chart(figure, width="stretch", key=f"chart-{metric}")
 if missing:
     st.caption(f"Not logged by the selected runs: {', '.join(missing)}.")
+
+st.subheader("Samples by step")
+live_stamp = stamp if (selected["status"] != "RUNNING").all() else f"{stamp}:{pd.Timestamp.now().floor('5s')}"
+samples = ui.safely("Reading the runs' samples failed", ui.run_samples, uri, tuple(selected["run_id"]), live_stamp)
+if samples.empty:
+    st.caption("The selected runs logged no periodic samples (a run samples every `sample interval` steps).")
+else:
+    steps = sorted(samples["step"].unique(), reverse=True)
+    shown_steps = (
+        st.slider("Steps shown, newest first", 1, len(steps), min(SAMPLE_ROWS, len(steps))) if len(steps) > 1 else 1
+    )
+    grid = samples.pivot_table(index="step", columns="run_id", values="text", aggfunc="last")
+    columns = [run_id for run_id in selected["run_id"] if run_id in grid.columns]
+    widths = [1] + [4] * len(columns)
+    ui.sample_style()
+    for cell, title in zip(st.columns(widths), ["step", *(labels[r] for r in columns)], strict=True):
+        cell.markdown(f"**{title}**")
+    for step in steps[:shown_steps]:
+        cells = st.columns(widths)
+        cells[0].markdown(f"{step:,}")
+        for cell, run_id in zip(cells[1:], columns, strict=True):
+            text = grid.at[step, run_id]
+            cell.markdown(
+                f"<div class='sample'>{html.escape(text)}</div>" if isinstance(text, str) else "–",
+                unsafe_allow_html=True,
+            )
 
 st.subheader("Parameters")
 params = params_table(selected, only_differing and len(selected) > 1)  # one run: nothing can differ; show all
