@@ -8,7 +8,6 @@ stopped, and shows it. Anything else that reruns the page mid-generation keeps t
 
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ class Column:
     texts: list[str]
     new_tokens: int = 0
     tokens_per_sec: float = 0.0
+    seconds: float = 0.0
     seed: int | None = None
 
     @property
@@ -66,7 +66,8 @@ def stream(uri: str, generated: Generated, models: list, tokenizer) -> Generated
     if streams[0].prompt_cropped:
         context = models[0].config.block_size
         st.warning(f"The prompt is longer than the {context}-token context; only its end is used.")
-    st.button("⏹ Stop", key="stop-generation", help="End the generation now, keeping what was written")
+    stop = st.empty()  # only while the models write: emptied once they have finished
+    stop.button("⏹ Stop", key="stop-generation", help="End the generation now, keeping what was written")
     boxes, statuses = _layout(generated)
     last = 0.0
     try:
@@ -85,6 +86,7 @@ def stream(uri: str, generated: Generated, models: list, tokenizer) -> Generated
         column.texts = finished.result().samples
     _note_speeds(generated, streams)
     generated.done = True
+    stop.empty()
     _draw(generated, boxes, statuses)
     return generated
 
@@ -191,14 +193,15 @@ def _note_speeds(generated: Generated, streams: list[TextStream]) -> None:
     for column, current in zip(generated.columns, streams, strict=True):
         result = current.result()
         column.new_tokens, column.tokens_per_sec = sum(result.new_tokens), result.tokens_per_sec
-        column.seed = result.seed
+        column.seconds, column.seed = result.seconds, result.seed
 
 
 def _draw(generated: Generated, boxes, statuses) -> None:
     for column, column_boxes, status in zip(generated.columns, boxes, statuses, strict=True):
         for box, text in zip(column_boxes, column.texts, strict=True):
-            box.markdown(f"<div class='sample'>{html.escape(text)}</div>", unsafe_allow_html=True)
+            box.markdown(ui.sample_html(text), unsafe_allow_html=True)
         speed = f"**{column.tokens_per_sec:,.1f} tokens/s**" + (" (int8)" if generated.int8 else "")
         status.caption(
-            f"{column.new_tokens:,} new tokens · {speed} · seed {column.seed} (enter it to get these samples again)"
+            f"{column.new_tokens:,} new tokens in {column.seconds:.2f} s · {speed} · seed {column.seed} "
+            "(enter it to get these samples again)"
         )

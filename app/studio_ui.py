@@ -8,6 +8,7 @@ rerun does not query the store again and again. Readers raise; pages show the er
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pandas as pd
@@ -178,6 +179,12 @@ def sample_style() -> None:
         "rgba(128,128,128,.3);border-radius:.5rem;padding:.75rem;max-height:32rem;overflow-y:auto}</style>",
         unsafe_allow_html=True,
     )
+
+
+def sample_html(text: str) -> str:
+    """``text`` as a sample box (see :func:`sample_style`). Line breaks go in as character references: markdown
+    would otherwise end the HTML block at a blank line and show the rest of the text outside the box."""
+    return f"<div class='sample'>{html.escape(text).replace(chr(10), '&#10;')}</div>"
 
 
 def show_copy_report(report) -> None:

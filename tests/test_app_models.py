@@ -102,7 +102,7 @@ def test_saved_samples_are_listed_under_their_version(two_versions):
     run_id = two_versions.get_model_version("shakespeare-gpt", "1").run_id
     two_versions.log_text(run_id, "{broken", "saved_samples/shakespeare-gpt-v1/zz-broken.json")
     app = app_page(PAGE).run()
-    refs = next(box for box in app.selectbox if box.label == "Version")
+    refs = next(box for box in app.selectbox if box.label == "Samples saved to")
     refs.set_value("shakespeare-gpt/1").run()
     assert not app.exception
     assert "<div class='sample'>ROMEO: &lt;b&gt;soft&lt;/b&gt;</div>" in [m.value for m in app.markdown]

@@ -3,8 +3,10 @@
 store and the real corpus.
 
 One test walks the studio as a user does: every page from the sidebar, a tiny training run watched until it
-registers its model, the run on Compare Runs, and samples from the registered model on Generate. A full-page
-screenshot after each step (``NN-name.png``), when each was taken (``timeline.txt``), the server's log
+registers its model, the run on Compare Runs, and samples from the registered model on Generate. Then, with a
+second version registered: the leaderboard on Models (an alias moved to it, and seen there), both versions writing
+side by side (the same texts as ``pipelines.generate --json`` for them), and a long generation stopped part-way.
+A full-page screenshot after each step (``NN-name.png``), when each was taken (``timeline.txt``), the server's log
 (``streamlit.log``) and the browser console (``console.log``) go to ``test-artifacts/browser/`` (git-ignored); a
 failing step leaves ``failure.png`` there too.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -26,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -40,7 +44,7 @@ MAX_SHOT_HEIGHT = 12_000
 """Screenshots of taller pages are cut there."""
 COMPARED_METRICS = ["loss", "avg_loss", "best_loss", "lr", "time_per_batch", "val_loss"]
 """The charts Compare Runs draws for the tiny run, in order."""
-PAGES = ["Home", "Train", "Compare Runs", "Architecture", "Generate"]
+PAGES = ["Home", "Train", "Compare Runs", "Architecture", "Generate", "Models"]
 SERVER_START_S = 60
 STOP_S = 10
 RENDER_MS = 60_000
@@ -438,12 +442,106 @@ def generate_samples(walk: Walk) -> None:
     walk.shot("generate")
 
 
+def register_second_version(studio: Studio) -> None:
+    """A second version of shakespeare-gpt, other weights from the same run, registered as a user's script would."""
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.config import ModelConfig
+    from core.model import GPT
+    from core.registry import log_and_register
+    from core.store import connect
+
+    client = connect(studio.uri)
+    torch.manual_seed(11)
+    model = GPT(ModelConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2)).eval()
+    with tempfile.TemporaryDirectory() as scratch:  # the registry keeps its own copy
+        checkpoint = save_checkpoint(model, Path(scratch) / "second-version")
+        log_and_register(client, client.get_model_version("shakespeare-gpt", "1").run_id, checkpoint)
+
+
+def check_models(walk: Walk) -> None:
+    """The leaderboard lists both versions; moving @champion to version 2 from the page shows in its table."""
+    page = walk.page
+    walk.open("Models")
+    grid = by_testid(page, "stDataFrame").first
+    expect(grid).to_be_visible()
+    table = grid.locator('table[role="grid"]')
+    expect(table.locator("tbody tr")).to_have_count(2)
+    walk.settle()
+    set_number(page, "Version", 2)
+    set_text(page, "Alias", "champion")
+    page.get_by_role("button", name="Set alias").click()
+    expect(page.get_by_text("shakespeare-gpt@champion is version 2.")).to_be_visible()
+    walk.settle()
+    table = by_testid(page, "stDataFrame").first.locator('table[role="grid"]')
+    champion = table.locator("tbody tr").filter(has=page.locator("td", has_text=re.compile("^champion$")))
+    expect(champion).to_have_count(1)
+    cells = dict(zip(table.locator("th").all_text_contents(), champion.locator("td").all_text_contents(), strict=True))
+    assert (cells["model"], cells["version"]) == ("shakespeare-gpt", "2"), cells
+    walk.shot("models")
+
+
+def generate_side_by_side(walk: Walk, studio: Studio) -> None:
+    """Versions 1 and 2 write side by side with seed 7: the texts the CLI's --json gives for them."""
+    from tests.conftest import cli_in_process
+
+    page = walk.page
+    walk.open("Generate")
+    page.get_by_text("Side by side", exact=True).click()
+    expect(page.get_by_text("shakespeare-gpt/2 (@champion)")).to_be_visible()
+    walk.settle()
+    set_text(page, "Prompt", "ROMEO:")
+    set_number(page, "Max new tokens", 20)
+    set_number(page, "Samples", 1)
+    set_text(page, "Seed (empty = random)", "7")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(re.compile(r"new tokens in .* tokens/s · seed 7"))).to_have_count(2)
+    walk.settle()
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = studio.uri
+    try:
+        cli = cli_in_process(
+            "pipelines.generate", "--model", "shakespeare-gpt/1", "--model", "shakespeare-gpt/2", "--prompt", "ROMEO:",
+            "--max-new-tokens", "20", "--seed", "7", "--no-memorization", "--json",
+        )  # fmt: skip
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    assert cli.returncode == 0, cli.stderr
+    expected = [model["samples"][0] for model in json.loads(cli.stdout)["models"]]
+    # Polled: the browser draws the streamed text as its updates arrive, the last ones a moment after the run ends.
+    expect(page.locator(".sample")).to_have_text(expected, use_inner_text=True)
+    walk.shot("generate-side-by-side")
+
+
+def stop_a_long_generation(walk: Walk) -> None:
+    """Stop ends a long generation within 2 s and keeps the text written so far."""
+    page = walk.page
+    set_text(page, "Prompt", "JULIET:")  # another prompt: the boxes of the last generation do not count as under way
+    set_number(page, "Max new tokens", 4096)
+    page.get_by_role("button", name="Generate").click()
+    first = page.locator(".sample").first
+    expect(first).to_have_text(re.compile(r"^JULIET:[\s\S]{40,}"))  # under way
+    page.get_by_role("button", name="⏹ Stop").click()
+    clicked = time.monotonic()
+    expect(page.get_by_text("Stopped: what the models had written is kept below.")).to_be_visible()
+    stopped_in = time.monotonic() - clicked
+    kept = page.locator(".sample").first.inner_text()
+    walk.settle()
+    assert stopped_in < 2.0, f"the generation took {stopped_in:.1f} s to stop"
+    assert kept.startswith("JULIET:") and len(kept) > 40 and page.locator(".sample").first.inner_text() == kept
+    walk.shot("generate-stopped")
+
+
 def check_home_after(walk: Walk) -> None:
     """Home counts the run and the registered model, and no training is running any more."""
     page = walk.page
     walk.open("Home", "Shakespeare GPT studio")
     metrics = by_testid(page, "stMetric")
-    for label, value in {"Runs": "1", "Finished runs": "1", "Registered models": "1", "Model versions": "1"}.items():
+    for label, value in {"Runs": "1", "Finished runs": "1", "Registered models": "1", "Model versions": "2"}.items():
         expect(metrics.filter(has_text=re.compile(f"^{label}")).locator('[data-testid="stMetricValue"]')).to_have_text(
             value
         )
@@ -463,6 +561,10 @@ def test_studio_in_a_browser(page, studio):
         watch_run(walk)
         check_compare_runs(walk)
         generate_samples(walk)
+        register_second_version(studio)
+        check_models(walk)
+        generate_side_by_side(walk, studio)
+        stop_a_long_generation(walk)
         check_home_after(walk)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import html
-
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -175,7 +173,7 @@ else:
         for cell, run_id in zip(cells[1:], columns, strict=True):
             text = grid.at[step, run_id]
             cell.markdown(
-                f"<div class='sample'>{html.escape(text)}</div>" if isinstance(text, str) else "–",
+                ui.sample_html(text) if isinstance(text, str) else "–",
                 unsafe_allow_html=True,
             )
 

@@ -3,8 +3,6 @@ across versions, which version each alias points at, and moving an alias (e.g. `
 
 from __future__ import annotations
 
-import html
-
 import plotly.graph_objects as go
 import streamlit as st
 import studio_ui as ui
@@ -109,7 +107,7 @@ if promote:
     st.rerun()
 st.subheader("Saved samples")
 refs = [f"{row.name}/{row.version}" for row in board.itertuples(index=False)]
-ref = st.selectbox("Version", refs, help="Samples saved from the Generate page are kept with their version's run.")
+ref = st.selectbox("Samples saved to", refs, help="Saved from the Generate page, kept with their version's run.")
 saved_name, saved_version = ref.rsplit("/", 1)
 saved = ui.safely("Reading the saved samples failed", ui.saved_samples, uri, saved_name, int(saved_version))
 if not saved:
@@ -120,7 +118,7 @@ for entry in saved:
         st.warning(f"`{entry['path']}`: {entry['error']}", icon="⚠️")
         continue
     settings = entry.get("settings", {})
-    st.markdown(f"<div class='sample'>{html.escape(entry['sample'])}</div>", unsafe_allow_html=True)
+    st.markdown(ui.sample_html(entry["sample"]), unsafe_allow_html=True)
     st.caption(
         f"saved {entry.get('saved_at', '?')} · seed {entry['seed']} · temperature {settings.get('temperature')} · "
         f"top-k {settings.get('top_k')} · top-p {settings.get('top_p')} · {settings.get('max_new_tokens')} new tokens"
