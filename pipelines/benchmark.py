@@ -10,6 +10,8 @@ Rows (the reference is measured in the same process, on identical weights and in
   first_token                seconds from a registered 124M model to its first token vs from_pretrained + generate
   log_overhead               MLflow logging as % of the tiny preset's step time, asynchronous vs synchronous
   compare_fetch              Compare Runs' data work for 10 runs × 20,000 steps vs plain get_metric_history
+  pages                      models_page, compare_runs_page: seconds to render each page cold with 50 registered
+                             versions and 20 runs × 2,000 steps (samples included) vs the 2 s target
   int8                       generate_b1_int8 and val_loss_int8: a registered model (--model) with int8 linear
                              layers vs the same model in fp32, speed at batch 1 and validation loss on --data
   quality                    quality_<budget>: held-out bits per character of `python -m pipelines.train
@@ -22,10 +24,10 @@ Rows (the reference is measured in the same process, on identical weights and in
                              % of the model's 8-token spans found in the training split vs held-out text's
 --json writes {"rows": [{"name", "ours", "reference", "unit", "ratio", "note"}, ...]} to stdout, progress to stderr.
 A ratio above 1 means the studio is better. --quick (under 3 minutes on a 2-core laptop) uses fewer tokens, steps
-and repeats (64 new tokens per generation) and leaves out compare_fetch, whose reference alone takes about 40 s
-(ask for it with --only). The int8 rows run when --model names a trained model. The memorization rows use --data,
-else the model's training data (its run's data_source), else the default corpus. The generation and training rows
-need transformers (pip install -r requirements-dev.txt).
+and repeats (64 new tokens per generation) and leaves out compare_fetch, whose reference alone takes about 40 s,
+and pages, whose store takes a minute to build (ask for them with --only). The int8 rows run when --model names a
+trained model. The memorization rows use --data, else the model's training data (its run's data_source), else the
+default corpus. The generation and training rows need transformers (pip install -r requirements-dev.txt).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ SECTIONS = (
     "first_token",
     "log_overhead",
     "compare_fetch",
+    "pages",
     "int8",
     "memorization",
     "quality",
 )
-SLOW_SECTIONS = ("compare_fetch",)
+SLOW_SECTIONS = ("compare_fetch", "pages")
 """Rows --quick leaves out unless --only names them."""
 MODEL_SECTIONS = ("int8",)
 """Rows that measure a trained model: they run when --model names one."""
@@ -190,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure(
             "compare_fetch: 10 runs × 20,000 steps of the 6 charted metrics",
             benchmark.compare_fetch,
+            repeats=2 if args.quick else 3,
+        )
+    if "pages" in selected:
+        measure(
+            "pages: the Models page over 50 versions, Compare Runs over 20 runs × 2,000 steps, cold",
+            benchmark.page_renders,
             repeats=2 if args.quick else 3,
         )
     if "int8" in selected:

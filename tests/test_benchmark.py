@@ -184,3 +184,11 @@ def test_the_compare_fetch_row_reads_back_every_point_of_its_fixture_through_mlf
     row = benchmark.compare_fetch(runs=2, steps=300, repeats=1, log=lines.append)  # raises if a point is missing
     assert row.name == "compare_fetch" and row.unit == "s" and row.ours > 0 and row.reference > 0
     assert "2 runs × 300 steps × 6 charts" in row.note and len(lines) == 1
+
+
+def test_the_page_rows_render_the_models_page_and_compare_runs_over_a_real_store():
+    lines: list[str] = []
+    rows = benchmark.page_renders(versions=3, runs=2, steps=400, repeats=1, log=lines.append)
+    assert [row.name for row in rows] == ["models_page", "compare_runs_page"]
+    assert all(row.unit == "s" and row.ours > 0 and row.reference == 2.0 for row in rows)
+    assert "3 versions over 2 runs of 400 steps" in rows[0].note and len(lines) == 2

@@ -6,6 +6,7 @@ A row is ``{"name", "ours", "reference", "unit", "ratio"}``. ``ratio`` is orient
 is better: ours / reference for throughputs, reference / ours for costs (seconds, percent).
 """
 
+from pipelines.benchmarks.pages import page_renders
 from pipelines.benchmarks.quality import (
     QUALITY_ANCHORS,
     QUALITY_PROMPT,
@@ -49,6 +50,7 @@ __all__ = [
     "lower_is_better",
     "machine_description",
     "memorization",
+    "page_renders",
     "quality_budget",
     "quantization",
     "training",
