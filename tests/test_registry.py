@@ -318,7 +318,7 @@ def test_list_registered_models(store, tmp_path):
     client, experiment_id = store
     empty = registry.list_registered_models(client)
     assert empty.empty
-    assert list(empty.columns) == ["name", "version", "aliases", "run_id", "created", "status", "description"]
+    assert list(empty.columns) == ["name", "version", "aliases", "run_id", "created", "status", "description", "tags"]
 
     checkpoint = _checkpoint(tmp_path, 1)
     run_1 = client.create_run(experiment_id).info.run_id
@@ -334,6 +334,7 @@ def test_list_registered_models(store, tmp_path):
     assert list(table["run_id"]) == [run_2, run_2, run_1]
     assert list(table["description"]) == ["", "longer training", ""]
     assert set(table["status"]) == {"READY"}
+    assert all(isinstance(tags, dict) for tags in table["tags"])  # each version's own tags
     assert pd.api.types.is_datetime64_any_dtype(table["created"]) and table["created"].is_monotonic_decreasing
 
 
