@@ -2,8 +2,8 @@
 session (so a stopped or finished generation stays on the page) and saved to their model version on request.
 
 A generation writes its text into ``st.session_state[STATE]`` as it streams. *Stop* asks Streamlit for a rerun,
-which ends the running script at its next redraw (a tenth of a second); the rerun finds the kept text, marked
-stopped, and shows it. Anything else that reruns the page mid-generation keeps the text the same way.
+which ends the running script at its next redraw (after at most a tenth of a second of model steps); the rerun finds
+the kept text, marked stopped, and shows it. Anything else that reruns the page mid-generation keeps the text too.
 """
 
 from __future__ import annotations
