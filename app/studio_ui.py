@@ -81,6 +81,13 @@ def registered_models(uri: str) -> pd.DataFrame:
     return list_registered_models(client_for(uri))
 
 
+def runs_stamp(runs: pd.DataFrame) -> str:
+    """A cache key for what is read from ``runs`` (a :func:`runs` frame): it changes when a run's status or end
+    changes, and every few seconds while one is RUNNING (it may have new points), so finished runs are read once."""
+    stamp = "|".join(f"{r}:{s}:{e}" for r, s, e in zip(runs["run_id"], runs["status"], runs["end_time"], strict=True))
+    return f"{stamp}:{pd.Timestamp.now().floor('5s')}" if (runs["status"] == "RUNNING").any() else stamp
+
+
 @st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)
 def leaderboard(uri: str) -> pd.DataFrame:
     """:func:`core.leaderboard.versions_leaderboard` of store ``uri``: every version with its run's figures."""

@@ -329,6 +329,15 @@ def choose(page, label: str, option: str) -> None:
     expect(box).to_have_value(option)
 
 
+def generate(page, prompt: str, *, max_new_tokens: int, samples: int, seed: int) -> None:
+    """Fill the Generate page's form and press Generate."""
+    set_text(page, "Prompt", prompt)
+    set_number(page, "Max new tokens", max_new_tokens)
+    set_number(page, "Samples", samples)
+    set_text(page, "Seed (empty = random)", str(seed))
+    page.get_by_role("button", name="Generate").click()
+
+
 def chart_titles(page) -> list[str]:
     """The titles of the plotly charts on the page, once the first one is drawn."""
     expect(page.locator('[data-testid="stPlotlyChart"] .main-svg').first).to_be_visible()
@@ -428,11 +437,7 @@ def generate_samples(walk: Walk) -> None:
     expect(page.get_by_role("combobox", name="Model", exact=True)).to_have_value("shakespeare-gpt")
     expect(page.get_by_text(re.compile(r"shakespeare-gpt version 1\b"))).to_be_visible()
     walk.settle()
-    set_text(page, "Prompt", "ROMEO:")
-    set_number(page, "Max new tokens", 20)
-    set_number(page, "Samples", 2)
-    set_text(page, "Seed (empty = random)", "7")
-    page.get_by_role("button", name="Generate").click()
+    generate(page, "ROMEO:", max_new_tokens=20, samples=2, seed=7)
     expect(page.get_by_text(re.compile(r"new tokens in .* tokens/s · seed 7"))).to_be_visible()
     samples = page.locator(".sample")
     expect(samples).to_have_count(2)
@@ -491,11 +496,7 @@ def generate_side_by_side(walk: Walk, studio: Studio) -> None:
     page.get_by_text("Side by side", exact=True).click()
     expect(page.get_by_text("shakespeare-gpt/2 (@champion)")).to_be_visible()
     walk.settle()
-    set_text(page, "Prompt", "ROMEO:")
-    set_number(page, "Max new tokens", 20)
-    set_number(page, "Samples", 1)
-    set_text(page, "Seed (empty = random)", "7")
-    page.get_by_role("button", name="Generate").click()
+    generate(page, "ROMEO:", max_new_tokens=20, samples=1, seed=7)
     expect(page.get_by_text(re.compile(r"new tokens in .* tokens/s · seed 7"))).to_have_count(2)
     walk.settle()
     previous = os.environ.get("MLFLOW_TRACKING_URI")
@@ -520,9 +521,8 @@ def generate_side_by_side(walk: Walk, studio: Studio) -> None:
 def stop_a_long_generation(walk: Walk) -> None:
     """Stop ends a long generation within 2 s and keeps the text written so far."""
     page = walk.page
-    set_text(page, "Prompt", "JULIET:")  # another prompt: the boxes of the last generation do not count as under way
-    set_number(page, "Max new tokens", 4096)
-    page.get_by_role("button", name="Generate").click()
+    # Another prompt: the boxes of the last generation do not count as under way.
+    generate(page, "JULIET:", max_new_tokens=4096, samples=1, seed=7)
     first = page.locator(".sample").first
     expect(first).to_have_text(re.compile(r"^JULIET:[\s\S]{40,}"))  # under way
     page.get_by_role("button", name="⏹ Stop").click()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import studio_ui as ui
@@ -63,10 +62,7 @@ if runs.empty:
 
 table = runs[[c for c in TABLE_COLUMNS if c in runs]].rename(columns=TABLE_COLUMNS)
 table["run"] = table["run"].fillna(runs["run_id"].str[:8])
-run_stamp = "|".join(f"{r}:{s}:{e}" for r, s, e in zip(runs["run_id"], runs["status"], runs["end_time"], strict=True))
-if (runs["status"] == "RUNNING").any():  # a live run may have a new best: read again at most every few seconds
-    run_stamp += f":{pd.Timestamp.now().floor('5s')}"
-best = ui.safely("Reading the best values failed", ui.best_points, uri, tuple(runs["run_id"]), run_stamp)
+best = ui.safely("Reading the best values failed", ui.best_points, uri, tuple(runs["run_id"]), ui.runs_stamp(runs))
 best_columns = {}
 for metric, label in BEST_SHOWN.items():
     points = best[best["metric"] == metric].set_index("run_id")
@@ -104,9 +100,7 @@ log_y = controls[2].checkbox("log y", value=False)
 only_differing = controls[3].checkbox("only differing params", value=True)
 
 labels = dict(zip(runs["run_id"], table["run"], strict=True))
-stamp = "|".join(
-    f"{r}:{s}:{e}" for r, s, e in zip(selected["run_id"], selected["status"], selected["end_time"], strict=True)
-)
+stamp = ui.runs_stamp(selected)
 history = ui.safely(
     "Reading the metric histories failed",
     ui.histories,
@@ -114,7 +108,7 @@ history = ui.safely(
     tuple(selected["run_id"]),
     tuple(CHARTS),
     MAX_POINTS,
-    stamp if (selected["status"] != "RUNNING").all() else f"{stamp}:{pd.Timestamp.now().floor('5s')}",
+    stamp,
 )
 x_column, x_title = ("step", "step") if x_axis == "step" else ("elapsed_s", "elapsed time (s)")
 
@@ -152,8 +146,7 @@ if missing:
     st.caption(f"Not logged by the selected runs: {', '.join(missing)}.")
 
 st.subheader("Samples by step")
-live_stamp = stamp if (selected["status"] != "RUNNING").all() else f"{stamp}:{pd.Timestamp.now().floor('5s')}"
-samples = ui.safely("Reading the runs' samples failed", ui.run_samples, uri, tuple(selected["run_id"]), live_stamp)
+samples = ui.safely("Reading the runs' samples failed", ui.run_samples, uri, tuple(selected["run_id"]), stamp)
 if samples.empty:
     st.caption("The selected runs logged no periodic samples (a run samples every `sample interval` steps).")
 else:
