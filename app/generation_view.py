@@ -38,6 +38,8 @@ class Column:
     tokens_per_sec: float = 0.0
     seconds: float = 0.0
     seed: int | None = None
+    precision: str = "fp32"
+    """The weights' precision this model wrote in (core.quantize.PRECISIONS)."""
 
     @property
     def label(self) -> str:
@@ -50,7 +52,6 @@ class Generated:
 
     prompt: str
     settings: SampleConfig
-    int8: bool
     columns: list[Column] = field(default_factory=list)
     device: str = "cpu"
     """Where the models ran (the device type)."""
@@ -117,8 +118,8 @@ def record_speeds(uri: str, generated: Generated) -> None:
 
     from core.leaderboard import record_decode_speed
 
-    where = f"{generated.device}, {'int8' if generated.int8 else 'fp32'}"
     for column in generated.columns:
+        where = f"{generated.device}, {column.precision}"
         if column.new_tokens < 8:  # too few tokens to say anything about speed
             continue
         tokens = column.new_tokens // len(column.texts)
@@ -200,7 +201,9 @@ def _draw(generated: Generated, boxes, statuses) -> None:
     for column, column_boxes, status in zip(generated.columns, boxes, statuses, strict=True):
         for box, text in zip(column_boxes, column.texts, strict=True):
             box.markdown(ui.sample_html(text), unsafe_allow_html=True)
-        speed = f"**{column.tokens_per_sec:,.1f} tokens/s**" + (" (int8)" if generated.int8 else "")
+        speed = f"**{column.tokens_per_sec:,.1f} tokens/s**" + (
+            f" ({column.precision})" if column.precision != "fp32" else ""
+        )
         status.caption(
             f"{column.new_tokens:,} new tokens in {column.seconds:.2f} s · {speed} · seed {column.seed} "
             "(enter it to get these samples again)"

@@ -136,13 +136,30 @@ def model_for(uri: str, name: str, version: int):
     return load_registered_model(client_for(uri), f"{name}/{version}")
 
 
-@st.cache_resource(show_spinner="Quantizing the model to int8…", max_entries=4)
-def int8_model_for(uri: str, name: str, version: int):
-    """An int8 copy of :func:`model_for`'s model (:func:`core.quantize.quantize_int8`), made once per version; the
-    cached fp32 model itself is left unchanged."""
-    from core.quantize import quantize_int8
+@st.cache_resource(show_spinner="Making a lower-precision copy of the model…", max_entries=4)
+def quantized_model_for(uri: str, name: str, version: int, precision: str):
+    """A copy of :func:`model_for`'s model at ``precision`` (:func:`core.quantize.quantize`), made once per version
+    and precision; the cached fp32 model itself is left unchanged."""
+    from core.quantize import quantize
 
-    return quantize_int8(model_for(uri, name, version)[0])
+    return quantize(model_for(uri, name, version)[0], precision)
+
+
+def precision_for(uri: str, name: str, version: int, asked: str) -> str:
+    """The precision a version writes in: ``asked``, or for ``auto`` the choice measured on this machine and kept
+    with the version (measuring takes the model's held-out split and a minute: the CLI does it, not the page)."""
+    if asked != "auto":
+        return asked
+    from core.errors import UsageError
+    from core.precision import stored_choice
+
+    stored = stored_choice(model_for(uri, name, version)[1].tags)
+    if stored is None:
+        raise UsageError(
+            f"{name}/{version} has no precision measured on this machine yet: run python -m pipelines.generate "
+            f"--model {name}/{version} --quantize auto --prompt ROMEO: once, or choose a precision"
+        )
+    return stored[0]
 
 
 @st.cache_data(ttl=LISTING_TTL_S, show_spinner=False)

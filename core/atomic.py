@@ -1,8 +1,8 @@
 """Atomic writes, one way for the whole studio: a reader (another process, the app, a resumed run) sees the old
 version of a file or folder or the new one, complete, never half of either, and a crash loses nothing stored.
 
-- :func:`write_bytes` and :func:`write_json`: a temporary sibling, fsynced, renamed over the target, the folder
-  fsynced (so the rename survives a power cut).
+- :func:`write_bytes`, :func:`write_json` and :func:`atomic_file` (for a writer that takes a path): a temporary
+  sibling, fsynced, renamed over the target, the folder fsynced (so the rename survives a power cut).
 - :func:`atomic_folder`: a staging folder filled by the caller, every file fsynced, then swapped in for the target.
   Between the two renames of the swap there is no target; a process killed in that instant leaves the previous
   version beside it, complete, and :func:`restore_interrupted` (called by the next write or read) puts it back.
@@ -31,21 +31,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (creating its folder if needed)."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``path`` for the caller to write (by any means: a library that takes a
+    path); when the block ends normally, fsync it and rename it over ``path``, else remove it. Readers see the old
+    file or the new one, complete, never a partial write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (creating its folder if needed)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | Path, data: Any, *, indent: int | None = 1) -> None:

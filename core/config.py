@@ -27,8 +27,9 @@ MAX_NEW_TOKENS_CAP = 4096
 NUM_SAMPLES_CAP = 16
 """Largest ``num_samples`` a generation request may ask for (they run as one batch)."""
 
-QUANTIZE_CHOICES = ("none", "int8")
-"""How a model may be quantized for CPU generation (see :mod:`core.quantize`)."""
+QUANTIZE_CHOICES = ("none", "int8", "int4", "bf16", "f16", "auto")
+"""How a model may be quantized for CPU generation (see :mod:`core.quantize`): none is fp32, auto the fastest
+precision whose held-out loss stays within 1% of fp32's on this machine, measured (see :mod:`core.precision`)."""
 
 MAX_PEAK_TFLOPS = 100_000
 """Largest ``peak_tflops`` a training config accepts: far above any single accelerator, far below FLOP/s units."""

@@ -2,7 +2,8 @@
 
 Usage: python -m pipelines.generate [--model NAME|NAME/VERSION|NAME@ALIAS ... | --checkpoint DIR] --prompt TEXT
        [--max-new-tokens N] [--num-samples K] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-eot-stop]
-       [--device auto|cpu|cuda|mps] [--quantize none|int8] [--data PATH|URL | --no-memorization] [--json]
+       [--device auto|cpu|cuda|mps] [--quantize none|int8|int4|bf16|f16|auto] [--data PATH|URL | --no-memorization]
+       [--json]
 
 Without --model or --checkpoint it uses the latest version of the registered model ``shakespeare-gpt`` in the
 tracking store (``MLFLOW_TRACKING_URI``, default the SQLite store under ``mlruns/``).
@@ -22,8 +23,12 @@ share of its 8-token spans found verbatim there and its longest copied span, in 
 --data, else the one the registered model's run trained on (its data_source param), else $SHAKESPEARE_SOURCE, else
 Tiny Shakespeare's URL. A corpus that was not given and cannot be had (offline, not downloaded yet) is one line on
 stderr, and the samples come without the figures; --no-memorization skips the measurement.
---quantize int8 generates on the CPU with int8 linear layers: about 2.4x the fp32 speed for gpt2 on a 2-core laptop,
-at a small cost in quality (``python -m pipelines.benchmark --only int8 --model NAME`` measures both).
+--quantize generates on the CPU with fewer bytes per weight (decoding is bound by reading the weights): int8 or int4
+weight-only linear layers, or the whole model in bf16 or f16 where the CPU has the units for it (measured at run
+time; refused where it would be slower). auto measures every precision's decoding speed and held-out loss on this
+machine and picks the fastest whose loss stays within 1% of fp32's; a registered version keeps the measurements
+(its precision_auto tag), so that happens once per version and machine. ``python -m pipelines.benchmark --only int8
+--model NAME`` measures them in more depth.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def build_parser() -> ArgumentParser:
         "--quantize",
         choices=QUANTIZE_CHOICES,
         default="none",
-        help="int8: int8 linear layers, CPU only, faster at a small cost in quality (default none: fp32)",
+        help="CPU only: int8 or int4 weights, bf16 or f16 (where this CPU has the units), or auto (the fastest "
+        "within 1%% of fp32's held-out loss, measured here); default none: fp32",
     )
     meter = parser.add_mutually_exclusive_group()
     meter.add_argument(
@@ -97,9 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(refs)) < len(refs):
         raise UsageError(f"a model is named twice in --model {' --model '.join(refs)}; name each version once")
     tokenizer = get_tokenizer()
-    device = resolve_device("cpu" if args.quantize == "int8" and args.device == "auto" else args.device)
-    if args.quantize == "int8" and device.type != "cpu":
-        raise UsageError(f"--quantize int8 runs on the CPU only, not {device.type}; use --device cpu")
+    quantized = args.quantize != "none"
+    device = resolve_device("cpu" if quantized and args.device == "auto" else args.device)
+    if quantized and device.type != "cpu":
+        raise UsageError(f"--quantize {args.quantize} runs on the CPU only, not {device.type}; use --device cpu")
     sources = [_load(args, ref, device, tokenizer) for ref in ([None] if args.checkpoint else refs)]
     if len(sources) == 1:
         return _generate_one(args, config, sources[0], tokenizer, device)
@@ -109,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Source:
     """A model to generate from, with what its samples are measured against and where its speed is recorded."""
 
-    def __init__(self, label: str, model, client=None, version=None, run_params=None, trained_sha256=None) -> None:
-        self.label, self.model, self.client, self.version = label, model, client, version
+    def __init__(
+        self, label: str, model, client=None, version=None, run_params=None, trained_sha256=None, precision="fp32"
+    ) -> None:
+        self.label, self.model, self.client, self.version, self.precision = label, model, client, version, precision
         self.run_params, self.trained_sha256 = run_params or {}, trained_sha256
         self.index, self.corpus_meta = None, None
 
@@ -123,7 +132,7 @@ class _Source:
 
 def _load(args: argparse.Namespace, ref: str | None, device, tokenizer) -> _Source:
     """The checkpoint (``ref`` None with --checkpoint) or the registered version ``ref`` (default: the latest
-    shakespeare-gpt), int8 when asked."""
+    shakespeare-gpt), at the precision --quantize asks for."""
     from core.checkpoint import load_checkpoint
 
     run_params: dict[str, str] = {}
@@ -139,17 +148,53 @@ def _load(args: argparse.Namespace, ref: str | None, device, tokenizer) -> _Sour
         model, version, _ = load_registered_model(client, ref or DEFAULT_MODEL_NAME, device=device)
         label = f"{version.name}/{version.version}"
         print(f"model: {label} (run {version.run_id})", file=sys.stderr)
-        if version.run_id and not args.no_memorization:
+        if version.run_id and (args.quantize == "auto" or not args.no_memorization):
             run_data = client.get_run(version.run_id).data
             run_params, trained_sha256 = dict(run_data.params), run_data.tags.get("dataset_sha256")
-    if args.quantize == "int8":
-        from core.quantize import quantize_int8
+    precision = {"none": "fp32"}.get(args.quantize, args.quantize)
+    if precision == "auto":
+        precision = _auto_precision(model, client, version, run_params, args.data, tokenizer)
+    from core.quantize import quantize
 
-        model = quantize_int8(model)
-    return _Source(label, model, client, version, run_params, trained_sha256)
+    model = quantize(model, precision)
+    return _Source(label, model, client, version, run_params, trained_sha256, precision)
 
 
-def _record_speed(source: _Source, result, device, quantize: str) -> None:
+def _auto_precision(model, client, version, run_params: dict[str, str], data: str | None, tokenizer) -> str:
+    """The precision --quantize auto picks: a registered version's stored choice for this machine, else measured
+    now on the model's held-out split (and stored with the version)."""
+    from mlflow.exceptions import MlflowException
+
+    from core.data import prepare_corpus
+    from core.memorization import training_data
+    from core.precision import (
+        PRECISION_TAG,
+        choice_tag,
+        choose_precision,
+        describe,
+        measure_precisions,
+        stored_choice,
+    )
+
+    stored = None if version is None else stored_choice(version.tags)
+    if stored is not None:
+        chosen, measured = stored
+        print(f"precision: {chosen} (measured on this machine before)\n{describe(measured, chosen)}", file=sys.stderr)
+        return chosen
+    corpus = prepare_corpus(training_data(run_params, data), tokenizer)
+    print("measuring each precision's decoding speed and held-out loss on this CPU…", file=sys.stderr)
+    measured = measure_precisions(model, corpus.tokens("val"))
+    chosen = choose_precision(measured)
+    print(f"precision: {chosen}\n{describe(measured, chosen)}", file=sys.stderr)
+    if version is not None:
+        try:
+            client.set_model_version_tag(version.name, version.version, PRECISION_TAG, choice_tag(chosen, measured))
+        except MlflowException as exc:
+            print(f"note: the measurements were not kept in the registry: {exc.message}", file=sys.stderr)
+    return chosen
+
+
+def _record_speed(source: _Source, result, device) -> None:
     """Keep a registered version's measured decoding speed for the Models page; a store that refuses the tag is a
     note, not a failed generation."""
     if source.version is None or sum(result.new_tokens) < 8:  # too few tokens to say anything about speed
@@ -158,7 +203,7 @@ def _record_speed(source: _Source, result, device, quantize: str) -> None:
 
     from core.leaderboard import record_decode_speed
 
-    where = f"{device.type}, {'int8' if quantize == 'int8' else 'fp32'}"
+    where = f"{device.type}, {source.precision}"
     try:
         version = source.version
         samples, tokens = len(result.new_tokens), max(result.new_tokens)
@@ -188,7 +233,7 @@ def _generate_one(args: argparse.Namespace, config, source: _Source, tokenizer, 
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
     result = stream.result()
-    _record_speed(source, result, device, args.quantize)
+    _record_speed(source, result, device)
     reports = _reports(source, result, tokenizer)
     if args.json:
         print(json.dumps(_document(result, source, reports)))
@@ -221,7 +266,7 @@ def _generate_side_by_side(args: argparse.Namespace, config, sources: list[_Sour
         pass
     results = [stream.result() for stream in streams]
     for source, result in zip(sources, results, strict=True):
-        _record_speed(source, result, device, args.quantize)
+        _record_speed(source, result, device)
     reports = [_reports(source, result, tokenizer) for source, result in zip(sources, results, strict=True)]
     if args.json:
         documents = [

@@ -18,7 +18,8 @@ def samples(app: AppTest) -> list[str]:
 def test_generate_streams_samples_from_the_registered_model(studio_store):
     app = app_page(PAGE).run()
     assert not app.exception
-    model_box, version_box = app.selectbox
+    model_box, version_box, precision_box = app.selectbox
+    assert precision_box.label == "Precision (CPU)" and precision_box.value == "fp32"
     assert model_box.options == ["shakespeare-gpt"]
     assert version_box.options == ["latest", "@champion", "version 1"]
     version_box.set_value("@champion")
@@ -72,7 +73,7 @@ def test_unknown_query_params_fall_back_and_any_text_prompt_works(studio_store):
     app.query_params["version"] = "99"
     app.run()
     assert not app.exception
-    assert [box.value for box in app.selectbox] == ["shakespeare-gpt", "latest"]
+    assert [box.value for box in app.selectbox] == ["shakespeare-gpt", "latest", "fp32"]
     prompt = "Emoji 🎭 中文 <b>&amp;</b> \x1b[31m\x07 " * 20  # longer than the tiny model's 32-token context
     app.text_area[0].set_value(prompt)
     {n.label: n for n in app.number_input}["Max new tokens"].set_value(4)
@@ -108,24 +109,50 @@ def test_running_out_of_memory_is_one_message(studio_store, monkeypatch):
     assert error.value.startswith("Generation failed: not enough memory") and "fewer samples" in error.value
 
 
-def test_int8_generation_is_reproducible_and_leaves_the_fp32_model_alone(studio_store):
+def precision_box(app):
+    return {box.label: box for box in app.selectbox}["Precision (CPU)"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_low_precision_generation_is_reproducible_and_leaves_the_fp32_model_alone(studio_store, precision):
     app = app_page(PAGE).run()
     {n.label: n for n in app.number_input}["Max new tokens"].set_value(6)
     app.text_input[0].set_value("5")
     app.button[0].click().run()
     fp32 = samples(app)
-    app.toggle[0].set_value(True)
+    precision_box(app).set_value(precision)
     app.button[0].click().run()
     assert not app.exception
-    int8 = samples(app)
-    assert len(int8) == 3 and all(text.startswith("<div class='sample'>ROMEO:") for text in int8)
-    assert any("(int8)" in c.value and "seed 5" in c.value for c in app.caption)
+    quantized = samples(app)
+    assert len(quantized) == 3 and all(text.startswith("<div class='sample'>ROMEO:") for text in quantized)
+    assert any(f"({precision})" in c.value and "seed 5" in c.value for c in app.caption)
     app.button[0].click().run()
-    assert samples(app) == int8  # the same seed, the same int8 text
-    app.toggle[0].set_value(False)
+    assert samples(app) == quantized  # the same seed, the same text
+    precision_box(app).set_value("fp32")
     app.button[0].click().run()
     assert samples(app) == fp32  # the cached fp32 model was not changed by quantizing
-    assert not any("(int8)" in c.value for c in app.caption)
+    assert not any(f"({precision})" in c.value for c in app.caption)
+
+
+def test_auto_precision_without_a_measurement_is_one_line_and_with_one_uses_it(studio_store):
+    from core.precision import PRECISION_TAG, PrecisionMeasurement, choice_tag
+    from core.store import client
+
+    app = app_page(PAGE).run()
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(4)
+    precision_box(app).set_value("auto")
+    app.button[0].click().run()
+    assert not app.exception
+    [error] = app.error
+    assert "no precision measured on this machine yet" in error.value and "--quantize auto" in error.value
+    measured = [PrecisionMeasurement("fp32", 10.0, 5.0), PrecisionMeasurement("int4", 30.0, 5.01)]
+    client(studio_store).set_model_version_tag("shakespeare-gpt", "1", PRECISION_TAG, choice_tag("int4", measured))
+    app = app_page(PAGE).run()
+    {n.label: n for n in app.number_input}["Max new tokens"].set_value(4)
+    precision_box(app).set_value("auto")
+    app.button[0].click().run()
+    assert not app.exception and not app.error
+    assert any("(int4)" in c.value for c in app.caption)
 
 
 def meter_captions(app: AppTest) -> list[str]:
