@@ -153,7 +153,7 @@ def precision_for(uri: str, name: str, version: int, asked: str) -> str:
     from core.errors import UsageError
     from core.precision import stored_choice
 
-    stored = stored_choice(model_for(uri, name, version)[1].tags)
+    stored = stored_choice(client_for(uri).get_model_version(name, str(version)).tags)  # fresh: set by the CLI
     if stored is None:
         raise UsageError(
             f"{name}/{version} has no precision measured on this machine yet: run python -m pipelines.generate "

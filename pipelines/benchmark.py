@@ -12,6 +12,11 @@ Rows (the reference is measured in the same process, on identical weights and in
   compare_fetch              Compare Runs' data work for 10 runs × 20,000 steps vs plain get_metric_history
   pages                      models_page, compare_runs_page: seconds to render each page cold with 50 registered
                              versions and 20 runs × 2,000 steps (samples included) vs the 2 s target
+  llamacpp                   llamacpp_f32, llamacpp_q8_0, llamacpp_f16, llamacpp_f16_bf16, llamacpp_q4_0: batch-1
+                             sampling tokens/s of gpt2 (124M) at fp32, int8, f16, bf16 and int4 vs llama.cpp
+                             (llama-cpp-python) at F32, Q8_0, F16, F16 and Q4_0 on the studio's GGUF export of the same
+                             weights, the same threads, prompt and new tokens; runs by default when llama-cpp-python
+                             is installed (pip install -r requirements-llamacpp.txt)
   int8                       generate_b1_int8 and val_loss_int8: a registered model (--model) with int8 linear
                              layers vs the same model in fp32, speed at batch 1 and validation loss on --data
   quality                    quality_<budget>: held-out bits per character of `python -m pipelines.train
@@ -51,6 +56,7 @@ SECTIONS = (
     "log_overhead",
     "compare_fetch",
     "pages",
+    "llamacpp",
     "int8",
     "memorization",
     "quality",
@@ -59,6 +65,8 @@ SLOW_SECTIONS = ("compare_fetch", "pages")
 """Rows --quick leaves out unless --only names them."""
 MODEL_SECTIONS = ("int8",)
 """Rows that measure a trained model: they run when --model names one."""
+OPTIONAL_SECTIONS = {"llamacpp": "llama_cpp"}
+"""Rows that need an optional package: they run by default when it is installed."""
 
 
 def build_parser() -> ArgumentParser:
@@ -102,8 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = args.only or [
         s
         for s in SECTIONS
-        if not (args.quick and s in SLOW_SECTIONS) and (s not in MODEL_SECTIONS or args.model is not None)
+        if not (args.quick and s in SLOW_SECTIONS)
+        and (s not in MODEL_SECTIONS or args.model is not None)
+        and (s not in OPTIONAL_SECTIONS or _installed(OPTIONAL_SECTIONS[s]))
     ]
+    if "llamacpp" in selected:
+        from pipelines.benchmarks.llamacpp import import_llama_cpp
+
+        import_llama_cpp()  # missing: one line now, not after minutes of other rows
     if "int8" in selected and args.model is None:
         raise UsageError("the int8 rows measure a trained model: add --model NAME (for example shakespeare-gpt)")
     machine = benchmark.machine_description()
@@ -201,6 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             benchmark.page_renders,
             repeats=2 if args.quick else 3,
         )
+    if "llamacpp" in selected:
+        new_tokens, repeats = (64, 2) if args.quick else (128, 3)
+        measure(
+            f"llamacpp: gpt2 124M, 1 × {new_tokens} sampled tokens per precision vs llama.cpp on the GGUF export",
+            benchmark.llamacpp_rows,
+            new_tokens=new_tokens,
+            repeats=repeats,
+        )
     if "int8" in selected:
         measure(
             f"int8: {model_ref} with int8 linear layers vs fp32, sampling at batch 1 and validation loss",
@@ -242,10 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _has_transformers() -> bool:
+def _installed(package: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("transformers") is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def _has_transformers() -> bool:
+    return _installed("transformers")
 
 
 def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:

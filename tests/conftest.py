@@ -195,3 +195,15 @@ def assert_usage_error(result: subprocess.CompletedProcess, fragment: str) -> No
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0]
+
+
+def require_llama_cpp():
+    """``llama_cpp``; where llama-cpp-python is not installed the test is skipped with the reason, except in CI
+    (``CI`` set), where .ci/run installs it and a missing package is a failure, never a skip."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed, and CI must run the llama.cpp tests (.ci/run installs it)")
+        pytest.skip("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt (builds llama.cpp)")
+    return llama_cpp

@@ -274,7 +274,7 @@ def test_a_stopped_generation_keeps_its_text_and_says_so(studio_store):
 
     app = app_page(PAGE).run()
     column = view.Column("shakespeare-gpt", 1, None, ["ROMEO: so far"], new_tokens=2, seed=3)
-    app.session_state[view.STATE] = view.Generated("ROMEO:", SampleConfig(seed=3), False, [column], done=False)
+    app.session_state[view.STATE] = view.Generated("ROMEO:", SampleConfig(seed=3), [column], done=False)
     app.run()
     assert not app.exception
     assert "Stopped" in app.info[0].value

@@ -192,3 +192,42 @@ def test_the_page_rows_render_the_models_page_and_compare_runs_over_a_real_store
     assert [row.name for row in rows] == ["models_page", "compare_runs_page"]
     assert all(row.unit == "s" and row.ours > 0 and row.reference == 2.0 for row in rows)
     assert "3 versions over 2 runs of 400 steps" in rows[0].note and len(lines) == 2
+
+
+def test_llamacpp_rows_time_both_engines_on_the_same_weights_per_precision():
+    from tests.conftest import require_llama_cpp
+
+    require_llama_cpp()
+    lines: list[str] = []
+    rows = benchmark.llamacpp_rows(new_tokens=6, repeats=1, log=lines.append, config=TINY_256)
+    assert [row.name for row in rows] == [
+        "llamacpp_f32",
+        "llamacpp_q8_0",
+        "llamacpp_f16",
+        "llamacpp_f16_bf16",
+        "llamacpp_q4_0",
+    ]
+    for row in rows:
+        assert row.unit == "tokens/s" and row.ours > 0 and row.reference > 0
+        assert row.ratio == pytest.approx(row.ours / row.reference)
+        assert "2 layers × 32 dims" in row.note and "ranges" in row.note
+    assert any("int4 vs Q4_0 1/1" in line for line in lines)
+
+
+def test_cli_llamacpp_rows_say_how_to_install_llama_cpp_when_it_is_missing(monkeypatch, capsys):
+    import builtins
+
+    from pipelines import benchmark as cli
+
+    real_import = builtins.__import__
+
+    def without_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_llama_cpp)
+    with pytest.raises(SystemExit) as exited:
+        run(cli.main, ["--only", "llamacpp"])
+    assert exited.value.code == 2
+    assert "pip install -r requirements-llamacpp.txt" in capsys.readouterr().err

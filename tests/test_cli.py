@@ -184,7 +184,8 @@ def test_generate_streams_one_sample_and_notices_cropping(tiny_checkpoint):
         (["--prompt", "a", "--top-p", "1.5"], "top_p"),
         (["--prompt", "a", "--max-new-tokens", "lots"], "invalid int value"),
         (["--prompt", "a", "--device", "tpu"], "unknown device"),
-        (["--prompt", "a", "--quantize", "int4"], "invalid choice"),
+        (["--prompt", "a", "--quantize", "int3"], "invalid choice"),
+        (["--prompt", "a", "--quantize", "int4", "--device", "cuda"], "cuda"),
         (["--prompt", "a", "--quantize", "int8", "--device", "cuda"], "cuda"),  # CPU only, and no GPU here
     ],
 )

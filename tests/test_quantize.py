@@ -11,7 +11,7 @@ from core.config import SampleConfig
 from core.errors import UsageError
 from core.evaluation import mean_loss
 from core.model import GPT, Linear
-from core.quantize import quantize_int8
+from core.quantize import PRECISIONS, CompactLinear, quantize, quantize_int8
 from core.sampling import generate
 from tests.conftest import TINY
 
@@ -31,8 +31,9 @@ def test_quantizing_makes_an_int8_copy_and_leaves_the_model_alone(trained_like):
     before = {k: v.clone() for k, v in trained_like.state_dict().items()}
     quantized = quantize_int8(trained_like)
     assert quantized is not trained_like
-    int8_layers = [m for m in quantized.modules() if type(m).__name__ == "Linear" and not isinstance(m, nn.Linear)]
+    int8_layers = [m for m in quantized.modules() if isinstance(m, CompactLinear)]
     assert len(int8_layers) == 4 * TINY.n_layer + 1  # c_attn, c_proj, c_fc, mlp c_proj per block, and the LM head
+    assert all(m.kind == "int8" and m.weight.dtype == torch.int8 for m in int8_layers)
     assert not any(isinstance(m, Linear) for m in quantized.modules())
     assert quantized.transformer.wte.weight.dtype == torch.float32  # the embedding lookup stays fp32
     # The original still trains: its own modules, its tied head, its weights unchanged.
@@ -79,3 +80,62 @@ def test_mean_loss_averages_sequential_batches(tiny_model):
     assert mean_loss(tiny_model, tokens, 2, 16, max_batches=100) > 0
     with pytest.raises(ValueError, match="fewer than one batch"):
         mean_loss(tiny_model, tokens[:10], 2, 16, max_batches=1)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "bytes_per_weight", "tolerance"),
+    [
+        ("int8", torch.int8, 1, 0.05),
+        ("int4", torch.uint8, 0.5, 0.25),
+        ("f16", torch.float16, 2, 0.002),
+        ("bf16", torch.bfloat16, 2, 0.01),
+    ],
+)
+def test_each_precision_stores_fewer_bytes_and_stays_close(trained_like, precision, dtype, bytes_per_weight, tolerance):
+    variant = quantize(trained_like, precision)
+    layers = [m for m in variant.modules() if isinstance(m, CompactLinear)]
+    assert len(layers) == 4 * TINY.n_layer + 1 and not any(isinstance(m, nn.Linear) for m in variant.modules())
+    head = variant.lm_head
+    assert head.weight.dtype == dtype
+    assert head.weight.numel() * head.weight.element_size() == int(
+        TINY.padded_vocab_size * TINY.n_embd * bytes_per_weight
+    )
+    idx = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, _ = trained_like(idx)
+        logits, _ = variant(idx)  # 32 rows: the widened-weight route
+        last, _ = variant(idx[:1, :4])  # 4 rows: the decoding route
+        full, _ = variant(idx[:1, :16])
+    relative = (logits - reference).norm() / reference.norm()
+    assert 0 < relative < tolerance
+    # The decoding route (few rows) and the widened-weight route (many rows) compute the same products.
+    torch.testing.assert_close(last, full[:, :4], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_precision_and_fp32_are_handled(trained_like):
+    assert quantize(trained_like, "fp32") is trained_like
+    with pytest.raises(UsageError, match="unknown precision 'int3'"):
+        quantize(trained_like, "int3")
+    assert PRECISIONS == ("fp32", "bf16", "f16", "int8", "int4")
+
+
+def test_int4_needs_rows_in_blocks_of_32(trained_like):
+    from core.config import ModelConfig
+
+    odd = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=48, block_size=16)).eval()
+    with pytest.raises(UsageError, match="blocks of 32"):
+        quantize(odd, "int4")
+    assert quantize(odd, "int8") is not odd  # int8 has one scale per row: any width
+
+
+def test_without_the_kernels_int8_still_works_and_the_others_are_refused(trained_like, monkeypatch):
+    from core import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: (False, "no C++ compiler"))
+    monkeypatch.setattr("core.quantize.kernels_available", lambda: False)
+    variant = quantize(trained_like, "int8")
+    idx = torch.randint(0, TINY.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(variant(idx)[0], trained_like(idx)[0], rtol=0.05, atol=0.05)
+    with pytest.raises(UsageError, match="needs the studio's CPU kernels, and no C\\+\\+ compiler"):
+        quantize(trained_like, "int4")

@@ -6,6 +6,7 @@ A row is ``{"name", "ours", "reference", "unit", "ratio"}``. ``ratio`` is orient
 is better: ours / reference for throughputs, reference / ours for costs (seconds, percent).
 """
 
+from pipelines.benchmarks.llamacpp import llamacpp_rows
 from pipelines.benchmarks.pages import page_renders
 from pipelines.benchmarks.quality import (
     QUALITY_ANCHORS,
@@ -46,6 +47,7 @@ __all__ = [
     "hf_twin",
     "higher_is_better",
     "inference_pair",
+    "llamacpp_rows",
     "logging_overhead",
     "lower_is_better",
     "machine_description",

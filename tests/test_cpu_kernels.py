@@ -1,0 +1,81 @@
+"""The decoding kernels (core/cpu_kernels.cpp): built for this CPU, the same products as PyTorch's for every weight
+layout and row count they take, and used by the model's linear layers only where no gradient is needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import cpu_kernels
+from core.model import GPT, Linear
+from core.quantize import CompactLinear
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built, why = cpu_kernels.load()
+    assert built, f"the decoding kernels must build on a machine with a C++ compiler: {why}"
+    return torch.ops.studio.linear_small
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("kind", ["fp32", "f16", "bf16", "int8", "q4"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_each_layout_computes_what_its_weights_stand_for(kernels, rows, kind, with_bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 80, bias=with_bias)
+    x = torch.randn(rows, 96)
+    if kind == "fp32":
+        weight, scales, expected_weight = linear.weight.detach(), None, linear.weight.detach()
+    else:
+        compact = CompactLinear(linear, kind)
+        weight, scales, expected_weight = compact.weight, compact.scales, compact.dequantized()
+    bias = None if linear.bias is None else linear.bias.detach()
+    y = kernels(x, weight, scales, bias, cpu_kernels.KINDS[kind])
+    torch.testing.assert_close(y, F.linear(x, expected_weight, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_shapes_are_refused_by_the_kernel(kernels):
+    with pytest.raises(RuntimeError, match="1..8"):
+        kernels(torch.randn(9, 32), torch.randn(4, 32), None, None, 0)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels(torch.randn(1, 32), torch.zeros(4, 32, dtype=torch.int8), None, None, 3)
+
+
+def test_the_model_decodes_through_the_kernel_and_trains_without_it(kernels, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    calls = []
+
+    def counting(*args):
+        calls.append(args[-1])
+        return kernels(*args)
+
+    monkeypatch.setattr("core.model._decoding_kernel", lambda: counting)
+    idx = torch.randint(0, TINY.vocab_size, (1, 3))
+    with torch.inference_mode():
+        logits, _ = model(idx)
+    assert len(calls) == 4 * TINY.n_layer + 1 and set(calls) == {0}
+    monkeypatch.setattr("core.model._decoding_kernel", lambda: None)
+    with torch.inference_mode():
+        reference, _ = model(idx)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    # Training a few rows needs gradients: PyTorch's product, not the kernel.
+    monkeypatch.setattr("core.model._decoding_kernel", lambda: counting)
+    calls.clear()
+    model.train()
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert not calls and model.transformer.wte.weight.grad is not None
+    assert isinstance(model.lm_head, Linear)
+
+
+def test_the_kernels_can_be_switched_off(monkeypatch):
+    cpu_kernels.load.cache_clear()
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    try:
+        assert cpu_kernels.load() == (False, f"{cpu_kernels.DISABLE_ENV}=1")
+    finally:
+        cpu_kernels.load.cache_clear()
