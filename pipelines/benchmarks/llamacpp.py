@@ -50,8 +50,7 @@ def llama_seconds(llm, prompt_ids: list[int], new_tokens: int) -> float:
     """Seconds llama.cpp takes to sample ``new_tokens`` tokens after ``prompt_ids`` (the benchmark's temperature
     and top-k, no other filter, no stop)."""
     started = time.perf_counter()
-    count = 0
-    for _ in llm.generate(
+    tokens = llm.generate(
         prompt_ids,
         top_k=SAMPLING["top_k"],
         top_p=1.0,
@@ -60,8 +59,8 @@ def llama_seconds(llm, prompt_ids: list[int], new_tokens: int) -> float:
         temp=SAMPLING["temperature"],
         repeat_penalty=1.0,
         reset=True,
-    ):
-        count += 1
+    )
+    for count, _ in enumerate(tokens, 1):
         if count == new_tokens:
             break
     return time.perf_counter() - started
