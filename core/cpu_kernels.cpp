@@ -13,7 +13,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define STUDIO_AVX512 1
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define STUDIO_AVX2 1
 #endif
@@ -32,7 +35,75 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-#ifdef STUDIO_AVX2
+#ifdef STUDIO_AVX512
+// 16 weights from position i of a row, widened to fp32.
+template <int K>
+inline __m512 load16(const void* row, int64_t i) {
+  if constexpr (K == F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + i);
+  } else if constexpr (K == F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i)));
+  } else if constexpr (K == BF16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {  // INT8
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+}
+
+template <int K>
+inline float weight_at(const void* w, int64_t i) {
+  if constexpr (K == F32) return static_cast<const float*>(w)[i];
+  else if constexpr (K == F16) return half_to_float(static_cast<const uint16_t*>(w)[i]);
+  else if constexpr (K == BF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+  else return static_cast<float>(static_cast<const int8_t*>(w)[i]);
+}
+
+// Dot products of one weight row (fp32/f16/bf16/int8) with N rows of x: two 16-wide accumulators per row keep
+// two fused multiply-adds in flight.
+template <int K, int N>
+inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
+  __m512 acc[N][2];
+  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    __m512 w0 = load16<K>(w, i), w1 = load16<K>(w, i + 16);
+    for (int r = 0; r < N; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + i), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + i + 16), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  for (; i < in; ++i) {  // a tail shorter than 32 (never for GPT-2 shapes)
+    const float wi = weight_at<K>(w, i);
+    for (int r = 0; r < N; ++r) out[r] += wi * x[r * in + i];
+  }
+}
+
+template <int N>
+inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, int64_t in, float* out) {
+  __m512 total[N];
+  for (int r = 0; r < N; ++r) total[r] = _mm512_setzero_ps();
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int64_t g = 0; g < in / Q4_GROUP; ++g) {
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16));
+    __m128i lo = _mm_and_si128(bytes, low_mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+    __m512 v0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), eight);  // weights 0..15
+    __m512 v1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), eight);  // weights 16..31
+    __m512 d = _mm512_set1_ps(scales[g]);
+    for (int r = 0; r < N; ++r) {
+      const float* xg = x + r * in + g * Q4_GROUP;
+      __m512 s = _mm512_mul_ps(v0, _mm512_loadu_ps(xg));
+      s = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xg + 16), s);
+      total[r] = _mm512_fmadd_ps(d, s, total[r]);
+    }
+  }
+  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+#elif defined(STUDIO_AVX2)
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

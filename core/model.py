@@ -121,8 +121,12 @@ class CausalSelfAttention(nn.Module):
         if start_pos == 0:
             # Queries and keys cover the same positions: the plain causal mask (and the fastest kernels).
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1 and not self.training:
+            # One new query attends to every cached position: three small products. SDPA's kernel spent about 60 µs
+            # per call here on set-up (a tenth of a 124M model's int8 decoding step, over its 12 layers).
+            scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, L)
+            y = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, nh, 1, hd)
         elif T == 1:
-            # One new query at the end attends to every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
             # A chunk appended after cached positions: query i sees keys up to start_pos + i.
