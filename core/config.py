@@ -31,6 +31,9 @@ QUANTIZE_CHOICES = ("none", "int8", "int4", "bf16", "f16", "auto")
 """How a model may be quantized for CPU generation (see :mod:`core.quantize`): none is fp32, auto the fastest
 precision whose held-out loss stays within 1% of fp32's on this machine, measured (see :mod:`core.precision`)."""
 
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+"""Arithmetic a training run may use (see :func:`core.optim.training_precision`)."""
+
 MAX_PEAK_TFLOPS = 100_000
 """Largest ``peak_tflops`` a training config accepts: far above any single accelerator, far below FLOP/s units."""
 
@@ -310,6 +313,9 @@ class TrainConfig(JsonConfig):
     None trains from scratch."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` for training steps (pays on CUDA; needs a C++ compiler on CPU)."""
+    precision: str = "auto"
+    """Training arithmetic: ``bf16`` autocast (on a CPU only where bf16 matmuls measure no slower than fp32), ``fp32``,
+    or ``auto``: bf16 on CUDA, fp32 elsewhere."""
     peak_tflops: float | None = None
     """The device's peak dense TFLOP/s for MFU; None: looked up for known CUDA GPUs, else no MFU."""
     checkpoint_interval: int = 500
@@ -369,6 +375,10 @@ class TrainConfig(JsonConfig):
             f"train config: init_from must be an existing folder (a Hugging Face GPT-2 model), got {self.init_from!r}",
         )
         _require(isinstance(self.compile, bool), f"train config: compile must be true or false, got {self.compile!r}")
+        _require(
+            self.precision in TRAIN_PRECISIONS,
+            f"train config: precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}",
+        )
         _require(
             isinstance(self.tie_unused_tokens, bool),
             f"train config: tie_unused_tokens must be true or false, got {self.tie_unused_tokens!r}",

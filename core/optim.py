@@ -11,15 +11,43 @@ import torch
 
 from core.budget import BudgetSchedule
 from core.config import TrainConfig
+from core.errors import UsageError
 from core.lm_head import SharedRows
 from core.model import GPT
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; elsewhere a context that does nothing."""
-    # bf16 autocast pays on CUDA only; on CPUs without bf16 units it is hundreds of times slower than fp32.
+def training_precision(asked: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``: what a run asked for (``TrainConfig.precision``) on ``device``, ``auto`` resolved.
+
+    ``auto`` is bf16 on CUDA and fp32 elsewhere. On a CPU, bf16 autocast speeds up the matmuls only where the CPU has
+    bf16 units, and a CPU step is dominated by the fused fp32 LM-head loss: on a 2-core AVX-512 BF16 machine whose
+    bf16 matmuls ran 3.5x fp32's, a step of the small preset ran 1.15x faster and one of the tiny preset no faster
+    (``python -m pipelines.benchmark --only train_bf16`` measures it on yours). So a CPU run uses bf16 when asked
+    to, and only where :func:`core.device.matmul_gflops` measures bf16 no slower than fp32 (without bf16 units it
+    was measured hundreds of times slower): elsewhere the request is refused with the figures (:class:`UsageError`).
+    """
+    if asked == "fp32" or (asked == "auto" and device.type != "cuda"):
+        return "fp32"
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    if device.type != "cpu":
+        raise UsageError(f"bf16 training runs on CUDA or a CPU with bf16 units, not {device.type}; use fp32")
+    from core.device import matmul_gflops
+
+    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    if bf16 < fp32:
+        capability = torch.backends.cpu.get_cpu_capability()
+        raise UsageError(
+            f"bf16 matmuls run at {bf16:,.0f} GFLOP/s against {fp32:,.0f} for fp32 on this CPU ({capability}): bf16 "
+            "training would be slower here; use --precision fp32 or auto"
+        )
+    return "bf16"
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    """bf16 autocast when ``precision`` is bf16, or (``precision`` None) on CUDA; else a context that does nothing."""
+    if precision == "bf16" or (precision is None and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -129,6 +129,7 @@ PLAIN_TRAIN_FIELDS = (
     "seed",
     "device",
     "compile",
+    "precision",
     "peak_tflops",
     "keep_checkpoints",
 )

@@ -54,6 +54,7 @@ from core.optim import (
     build_scheduler,
     enable_tf32,
     training_module,
+    training_precision,
 )
 from core.sampling import generate
 from core.tokenizer import Tokenizer, get_tokenizer
@@ -101,6 +102,8 @@ class Trainer:
         self.tokenizer = tokenizer or get_tokenizer()
         self.corpus = corpus or prepare_corpus(data_config, self.tokenizer)
         enable_tf32(self.device)
+        # Measured on this machine where it depends on the CPU's units (a short matmul probe), never assumed.
+        self.precision = training_precision(train_config.precision, self.device)
         # MFU's numerator per token (at the trained sequence length) and its denominator, fixed for the whole run;
         # without a known peak (CPU, MPS, an unlisted GPU, and no peak_tflops) no step reports ``mfu``.
         self.flops_per_token = training_flops_per_token(model_config, data_config.block_size)
@@ -181,6 +184,7 @@ class Trainer:
             "grad_accum": self.config.grad_accum,
             "global_batch_size": self.tokens_per_step // self.data_config.block_size,
             "device": str(self.device),
+            "train_precision": self.precision,
             "threads": torch.get_num_threads(),
             "flops_per_token": self.flops_per_token,
             "peak_tflops": None if self.peak_flops is None else self.peak_flops / 1e12,
@@ -447,7 +451,7 @@ class Trainer:
             batches = min(batches, cfg.eval_batches)
         x, y = next(epoch_batches(self._val_tokens, max(1, min(B, (len(self._val_tokens) - 1) // T)), T))
         x, y = x.to(self.device), y.to(self.device)
-        with torch.no_grad(), autocast_for(self.device):
+        with torch.no_grad(), autocast_for(self.device, self.precision):
             for _ in range(2):  # the second call is the one timed: the first allocates
                 started = self.clock()
                 self.model(x, y, shared_rows=self.shared_rows, token_rows=self.token_rows)
@@ -467,7 +471,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
             with sync:
-                with autocast_for(self.device):
+                with autocast_for(self.device, self.precision):
                     # [1]: only the loss; the logits the plain route returns are not kept alive through the step
                     if self.shared_rows is not None:
                         loss = self._train_step_model(x, y)[1]

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 def build_parser() -> ArgumentParser:
     """The options: the config dataclasses' fields (their docstrings are the help, their defaults shown), plus the
     preset, the model overrides and where things go."""
-    from core.config import PRESETS, DataConfig, ModelConfig, TrackingConfig, TrainConfig
+    from core.config import PRESETS, TRAIN_PRECISIONS, DataConfig, ModelConfig, TrackingConfig, TrainConfig
     from core.device import DEVICE_CHOICES
     from core.recipes import BUDGET_PRESET, DEFAULT_PRESET
 
@@ -109,10 +109,11 @@ def build_parser() -> ArgumentParser:
         TrainConfig,
         ["time_budget", "tie_unused_tokens", "max_steps", "target_loss", "lr", "warmup_fraction"]
         + ["final_div_factor", "weight_decay", "grad_accum", "beta1", "beta2", "eps", "grad_clip", "eval_interval"]
-        + ["eval_batches", "patience", "sample_interval", "sample_prompt", "seed", "device", "compile", "peak_tflops"],
+        + ["eval_batches", "patience", "sample_interval", "sample_prompt", "seed", "device", "compile", "precision"]
+        + ["peak_tflops"],
         types={"time_budget": duration, "grad_accum": positive_int, "eval_batches": positive_int}
         | {"patience": positive_int},
-        choices={"device": DEVICE_CHOICES},
+        choices={"device": DEVICE_CHOICES, "precision": TRAIN_PRECISIONS},
         metavars={"time_budget": "DURATION", "grad_accum": "N", "peak_tflops": "X"},
     )
 
