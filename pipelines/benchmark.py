@@ -7,6 +7,8 @@ Rows (the reference is measured in the same process, on identical weights and in
   generate_b1, generate_b5   sampling tokens/s of gpt2 (124M) vs transformers' GPT2LMHeadModel.generate
   train_tiny, train_small, train_gpt2
                              training tokens/s at B=8, T=256 vs a GPT2LMHeadModel step with the same AdamW and clipping
+  train_bf16                 train_bf16, train_bf16_loss: bf16 autocast training of the small preset on this CPU vs
+                             fp32 (tokens/s, and the gap between the two loss curves); no rows where bf16 is slower
   first_token                seconds from a registered 124M model to its first token vs from_pretrained + generate
   log_overhead               MLflow logging as % of the tiny preset's step time, asynchronous vs synchronous
   compare_fetch              Compare Runs' data work for 10 runs × 20,000 steps vs plain get_metric_history
@@ -52,6 +54,7 @@ SECTIONS = (
     "train_tiny",
     "train_small",
     "train_gpt2",
+    "train_bf16",
     "first_token",
     "log_overhead",
     "compare_fetch",
@@ -194,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=steps,
                 warmup=warmup,
             )
+    if "train_bf16" in selected:
+        measure(
+            "train_bf16: small preset steps at B×T = 8×256 under bf16 autocast vs fp32, and their loss curves",
+            benchmark.bf16_training,
+            steps=4 if args.quick else 8,
+            repeats=2 if args.quick else 3,
+        )
     if "log_overhead" in selected:
         steps, repeats = (6, 2) if args.quick else (40, 3)
         measure(

@@ -231,3 +231,16 @@ def test_cli_llamacpp_rows_say_how_to_install_llama_cpp_when_it_is_missing(monke
         run(cli.main, ["--only", "llamacpp"])
     assert exited.value.code == 2
     assert "pip install -r requirements-llamacpp.txt" in capsys.readouterr().err
+
+
+def test_bf16_training_rows_compare_speed_and_loss_curves_or_say_why_not(monkeypatch):
+    from core import device as device_module
+
+    lines: list[str] = []
+    monkeypatch.setattr(device_module, "matmul_gflops", lambda dtype, size=512: 1.0 if dtype == torch.bfloat16 else 9.0)
+    assert benchmark.bf16_training("tiny", steps=2, repeats=1, log=lines.append) == []
+    assert "bf16 training would be slower here" in lines[-1]
+    monkeypatch.setattr(device_module, "matmul_gflops", lambda dtype, size=512: 9.0)
+    speed, loss = benchmark.bf16_training("tiny", steps=3, repeats=1, log=lines.append)
+    assert speed.name == "train_bf16" and speed.ours > 0 and speed.reference > 0
+    assert loss.name == "train_bf16_loss" and 0.9 < loss.ratio <= 1.0 and "largest gap" in loss.note

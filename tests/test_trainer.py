@@ -523,7 +523,9 @@ def test_tied_unused_tokens_train_the_same_gpt2_with_every_unused_row_equal(smal
     assert trainer.evaluate()["val_loss"] == pytest.approx(rec.evals[-1][1]["val_loss"], rel=1e-5)
 
 
-def test_bf16_training_on_a_cpu_where_bf16_measures_fast_tracks_the_fp32_loss_curve(small_corpus, tmp_path, monkeypatch):
+def test_bf16_training_on_a_cpu_where_bf16_measures_fast_tracks_the_fp32_loss_curve(
+    small_corpus, tmp_path, monkeypatch
+):
     from core import device as device_module
 
     fp32_trainer, fp32_rec = make_trainer(

@@ -357,3 +357,72 @@ def quantization(
 
 
 # -- the memorisation meter -----------------------------------------------------------------------------------------
+
+
+# -- bf16 autocast training on a CPU ---------------------------------------------------------------------------------
+
+
+def bf16_training(
+    preset: str = "small", steps: int = 6, repeats: int = 3, log: Callable[[str], None] = print
+) -> list[Row]:
+    """bf16 autocast training on this CPU against fp32: ``train_bf16``, training tokens/s of ``preset`` at B×T =
+    8×256 (median step times of ``repeats`` alternating runs of ``steps`` steps, the first of each untimed), and
+    ``train_bf16_loss``, the largest relative gap between the two loss curves over those steps from the same
+    initial weights and batches (ratio = 1 / (1 + gap)). Empty, with the reason logged, where this CPU runs bf16
+    slower than fp32 (:func:`core.optim.training_precision` refuses it there)."""
+    from core.errors import UsageError
+    from core.optim import autocast_for, build_optimizer, training_precision
+
+    cpu = torch.device("cpu")
+    try:
+        training_precision("bf16", cpu)
+    except UsageError as exc:
+        log(f"  no rows: {exc}")
+        return []
+    config = TRAIN_CONFIGS[preset]
+    B, T = TRAIN_SHAPE
+    batches = torch.randint(0, config.vocab_size, (steps, B, T), generator=torch.Generator().manual_seed(BENCH_SEED))
+
+    def run(precision: str) -> tuple[float, list[float]]:
+        model = _seeded_gpt(config).train()
+        optimizer = build_optimizer(model, TrainConfig(), cpu)
+        times, losses = [], []
+        for x in batches:
+            started = time.perf_counter()
+            with autocast_for(cpu, precision):
+                _, loss = model(x, x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+            losses.append(loss.item())
+        return B * T / statistics.median(times[1:]), losses
+
+    rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    curves: dict[str, list[float]] = {}
+    for repeat in range(repeats):
+        for precision in ("bf16", "fp32"):
+            rate, curves[precision] = run(precision)
+            rates[precision].append(rate)
+        log(f"  repeat {repeat + 1}/{repeats}: bf16 {rates['bf16'][-1]:.0f} tok/s, fp32 {rates['fp32'][-1]:.0f}")
+    gap = max(abs(b - f) / f for b, f in zip(curves["bf16"], curves["fp32"], strict=True))
+    shape = _shape(config)
+    return [
+        higher_is_better(
+            "train_bf16",
+            statistics.median(rates["bf16"]),
+            statistics.median(rates["fp32"]),
+            "tokens/s",
+            f"{shape} at {B}×{T}, bf16 autocast vs fp32 on this CPU; ranges "
+            f"{min(rates['bf16']):.0f}–{max(rates['bf16']):.0f} vs {min(rates['fp32']):.0f}–{max(rates['fp32']):.0f}",
+        ),
+        Row(
+            "train_bf16_loss",
+            curves["bf16"][-1],
+            curves["fp32"][-1],
+            "nats/token",
+            1 / (1 + gap),
+            f"{shape}: loss after {steps} steps from the same weights and batches; largest gap over the curve "
+            f"{100 * gap:.2f}%",
+        ),
+    ]
