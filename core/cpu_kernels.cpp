@@ -10,8 +10,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -300,10 +304,68 @@ at::Tensor linear_small(const at::Tensor& x_in, const at::Tensor& weight, const 
   return y;
 }
 
+// One decoding step of causal self-attention for every sample and head at once: the new token's key and value go
+// into the cache at `pos`, and its query attends to positions 0..pos. qkv: (B, 3C) fp32, the c_attn output of the
+// new token (q, k, v of all heads); k_cache, v_cache: (B, n_head, max_len, head_dim) fp32, one layer's cache.
+// Returns (B, C): each head's weighted sum of values, heads side by side (what the output projection reads). One
+// call replaces the dozen small tensor operations (views, transposes, two cache writes, two products, a softmax)
+// whose dispatch cost more than their arithmetic.
+at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t n_head) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv must be (B, 3C) fp32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat, "caches must be fp32");
+  const int64_t B = qkv.size(0), C = qkv.size(1) / 3, hd = C / n_head, max_len = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_head && k_cache.size(3) == hd, "cache shape mismatch");
+  TORCH_CHECK(pos >= 0 && pos < max_len, "position outside the cache");
+  at::Tensor out = at::empty({B, C}, qkv.options());
+  const float* qkv_p = qkv.data_ptr<float>();
+  float* k_p = k_cache.data_ptr<float>();
+  float* v_p = v_cache.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t length = pos + 1;
+  at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_head, h = task % n_head;
+      const float* q = qkv_p + b * 3 * C + h * hd;
+      float* keys = k_p + (b * n_head + h) * max_len * hd;
+      float* values = v_p + (b * n_head + h) * max_len * hd;
+      std::memcpy(keys + pos * hd, qkv_p + b * 3 * C + C + h * hd, hd * sizeof(float));
+      std::memcpy(values + pos * hd, qkv_p + b * 3 * C + 2 * C + h * hd, hd * sizeof(float));
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < length; ++t) {
+        const float* k = keys + t * hd;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) dot += q[d] * k[d];
+        scores[t] = dot * scale;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < length; ++t) {
+        scores[t] = std::exp(scores[t] - top);
+        total += scores[t];
+      }
+      float* o = out_p + b * C + h * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+      for (int64_t t = 0; t < length; ++t) {
+        const float p = scores[t] / total;
+        const float* v = values + t * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += p * v[d];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(studio, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? scales, Tensor? bias, int kind) -> Tensor");
+  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(studio, CPU, m) { m.impl("linear_small", &linear_small); }
+TORCH_LIBRARY_IMPL(studio, CPU, m) {
+  m.impl("linear_small", &linear_small);
+  m.impl("attend_one", &attend_one);
+}

@@ -46,17 +46,18 @@ SMALL_ROWS = 8
 """Up to this many rows (tokens in one forward), a CPU linear layer takes the decoding route (see :class:`Linear`)."""
 
 
-_FOUND_KERNEL: list = []  # the op once found: looking it up costs microseconds, and a token runs ~50 linears
+_FOUND_KERNELS: dict = {}  # each op once found: looking one up costs microseconds, and a token runs ~60 calls
 
 
-def _decoding_kernel():
-    """``torch.ops.studio.linear_small`` once it is registered (core.cpu_kernels.load), else None."""
-    if not _FOUND_KERNEL:
-        op = getattr(torch.ops.studio, "linear_small", None)
+def decoding_kernel(name: str = "linear_small"):
+    """``torch.ops.studio.<name>`` once the studio's kernels are registered (core.cpu_kernels.load), else None."""
+    op = _FOUND_KERNELS.get(name)
+    if op is None:
+        op = getattr(torch.ops.studio, name, None)
         if op is None:
             return None
-        _FOUND_KERNEL.append(op)
-    return _FOUND_KERNEL[0]
+        _FOUND_KERNELS[name] = op
+    return op
 
 
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,7 +78,7 @@ class Linear(nn.Linear):
         rows = x.numel() // x.size(-1)
         if x.device.type != "cpu" or rows > SMALL_ROWS or rows == 0:
             return F.linear(x, self.weight, self.bias)
-        kernel = _decoding_kernel()
+        kernel = decoding_kernel()
         if kernel is not None and self.weight.dtype == torch.float32 and not _needs_grad(x, self.weight):
             # The studio's kernel (core/cpu_kernels.cpp, loaded by whoever generates): it streams the weight at
             # close to the memory bandwidth, where BLAS's skinny products reached 40-60% of it.
@@ -111,6 +112,14 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
     ) -> torch.Tensor:
         B, T, C = x.shape
+        if T == 1 and cache is not None and not self.training:
+            attend = decoding_kernel("attend_one")
+            if attend is not None and x.device.type == "cpu" and cache.k.dtype == torch.float32:
+                # One token per sample: the studio's kernel writes its key and value into the cache and attends in
+                # one call (core/cpu_kernels.cpp), instead of a dozen small operations each costing microseconds.
+                qkv = self.c_attn(x).view(B, 3 * C)
+                y = attend(qkv, cache.k[layer], cache.v[layer], start_pos, self.n_head)  # (B, C)
+                return self.c_proj(y.view(B, 1, C))
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
@@ -165,6 +174,20 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, layer, start_pos)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+@dataclass(frozen=True)
+class DecodingPlan:
+    """The callables and tensors of :meth:`GPT.decode_one`, gathered once per generation."""
+
+    attend: object
+    """``torch.ops.studio.attend_one``."""
+    blocks: tuple
+    """Per block: (ln_1 weight, bias, eps), c_attn, attention c_proj, (ln_2 ...), c_fc, MLP c_proj."""
+    ln_f: tuple
+    """The final LayerNorm's weight, bias and eps."""
+    lm_head: object
+    """The LM head's forward."""
 
 
 class GPT(nn.Module):
@@ -280,6 +303,38 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the only position sampling needs, skipping T-1 rows of the big LM head
         return self._logits(x), None  # (B, T or 1, V)
+
+    def decoding_plan(self) -> DecodingPlan | None:
+        """What :meth:`decode_one` needs, gathered once per generation, or None where that route does not apply:
+        in training mode, off the CPU, or without the studio's attention kernel (core.cpu_kernels)."""
+        attend = decoding_kernel("attend_one")
+        if attend is None or self.training or self.transformer.wte.weight.device.type != "cpu":
+            return None
+
+        def norm(ln: nn.LayerNorm) -> tuple:
+            return ln.weight, ln.bias, ln.eps
+
+        blocks = tuple(
+            (norm(b.ln_1), b.attn.c_attn.forward, b.attn.c_proj.forward, norm(b.ln_2), b.mlp.c_fc.forward)
+            + (b.mlp.c_proj.forward,)
+            for b in self.transformer.h
+        )
+        return DecodingPlan(attend, blocks, norm(self.transformer.ln_f), self.lm_head.forward)
+
+    def decode_one(self, plan: DecodingPlan, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """Logits (B, vocab_size) of the next token after ``tokens`` (B,), the tokens at position ``pos``, whose
+        keys and values are added to ``cache`` (fp32). The same arithmetic as ``forward`` on one position, called
+        layer by layer without the module machinery: a decoded token runs ~60 small calls, and each module call's
+        bookkeeping cost microseconds next to them."""
+        C = self.config.n_embd
+        shape = (C,)
+        x = F.embedding(tokens, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
+        for layer, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(plan.blocks):
+            qkv = c_attn(F.layer_norm(x, shape, *ln_1))  # (B, 3C)
+            x = x + attn_proj(plan.attend(qkv, cache.k[layer], cache.v[layer], pos, self.config.n_head))
+            x = x + mlp_proj(F.gelu(c_fc(F.layer_norm(x, shape, *ln_2)), approximate="tanh"))
+        logits = plan.lm_head(F.layer_norm(x, shape, *plan.ln_f))  # (B, padded V)
+        return logits[:, : self.config.vocab_size]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """LM head over the real vocabulary: (..., C) -> (..., vocab_size), padding rows dropped."""

@@ -25,9 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.cpu_kernels import KINDS, MAX_ROWS
-from core.cpu_kernels import available as kernels_available
 from core.errors import UsageError
-from core.model import GPT
+from core.model import GPT, decoding_kernel
 
 PRECISIONS = ("fp32", "bf16", "f16", "int8", "int4")
 """Every weight precision a model can generate in (fp32 is the trained model itself)."""
@@ -105,9 +104,12 @@ class CompactLinear(nn.Module):
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # (n, in)
-        if x2.size(0) <= MAX_ROWS and kernels_available():
-            y = torch.ops.studio.linear_small(x2, self.weight, self.scales, self.bias, self._kind_code)  # (n, out)
+        x2 = x.reshape(-1, self.in_features)  # (n, in)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        kernel = decoding_kernel() if x2.size(0) <= MAX_ROWS else None
+        if kernel is not None:
+            y = kernel(x2, self.weight, self.scales, self.bias, self._kind_code)  # (n, out)
         elif x2.size(0) <= MAX_ROWS and self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # PyTorch's weight-only int8 kernel
             y = y if self.bias is None else y.add_(self.bias)

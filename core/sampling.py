@@ -145,6 +145,8 @@ def stream_tokens(
             active = torch.ones(K, dtype=torch.bool, device=device)
             logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
             length = window.size(1)  # positions filled in the cache
+            # A token at a time without the module machinery where the kernels allow it (an fp32 cache on the CPU)
+            plan = model.decoding_plan() if dtype == torch.float32 else None
             for step in range(config.max_new_tokens):
                 tokens = _next_tokens(logits[:, -1, :].float(), config, generator)  # (K,)
                 yield tokens, active.clone()
@@ -158,6 +160,9 @@ def stream_tokens(
                     window = window[:, -keep:]
                     logits, _ = model(window, cache=cache, start_pos=0, last_only=True)
                     length = keep
+                elif plan is not None:
+                    logits = model.decode_one(plan, tokens, cache, length).unsqueeze(1)  # (K, 1, V)
+                    length += 1
                 else:
                     logits, _ = model(tokens.unsqueeze(1), cache=cache, start_pos=length, last_only=True)
                     length += 1
