@@ -217,17 +217,128 @@ inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, i
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define STUDIO_VNNI 1
+inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#elif defined(__AVXVNNI__)
+#define STUDIO_VNNI 1
+inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#endif
+
+#ifdef STUDIO_VNNI
+// The rows of x quantized like llama.cpp's Q8_0 activations, for integer dot products with int8 and 4-bit weights: per
+// block of 32 values, int8 codes, one scale (the block's largest magnitude maps to 127) and the codes' sum.
+struct Q8Rows {
+  std::vector<int8_t> codes;  // (n, in)
+  std::vector<float> scales;  // (n, in / 32)
+  std::vector<int32_t> sums;  // (n, in / 32)
+};
+
+inline Q8Rows quantize_rows(const float* x, int64_t n, int64_t in) {
+  const int64_t groups = in / Q4_GROUP;
+  Q8Rows q{std::vector<int8_t>(n * in), std::vector<float>(n * groups), std::vector<int32_t>(n * groups)};
+  for (int64_t b = 0; b < n * groups; ++b) {
+    const float* block = x + b * Q4_GROUP;
+    float top = 0.0f;
+    for (int64_t j = 0; j < Q4_GROUP; ++j) top = std::max(top, std::fabs(block[j]));
+    const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < Q4_GROUP; ++j) {
+      const int8_t c = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+      q.codes[b * Q4_GROUP + j] = c;
+      sum += c;
+    }
+    q.scales[b] = scale;
+    q.sums[b] = sum;
+  }
+  return q;
+}
+
+// sum over the row of (code - 8) * d_w * x, as sum_blocks d_w * d_x * (sum(code * x_code) - 8 * sum(x_code)):
+// one integer multiply-add instruction per 32 weights and row, where the float path widens every weight.
+template <int N>
+inline void q4_row_dots_vnni(const uint8_t* w, const float* w_scales, const Q8Rows& xq, int64_t in, float* out) {
+  const int64_t groups = in / Q4_GROUP;
+  __m256 acc[N];
+  float correction[N];
+  for (int r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps(), correction[r] = 0.0f;
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16));
+    // weights 0..15 (low nibbles) then 16..31 (high nibbles): the order of the block's 32 activations
+    __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask), _mm_and_si128(bytes, low_mask));
+    for (int r = 0; r < N; ++r) {
+      const int64_t block = r * groups + g;
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.codes.data() + block * Q4_GROUP));
+      __m256i dot = dot_u8_s8(_mm256_setzero_si256(), codes, x);  // 8 sums of 4 products
+      const float d = w_scales[g] * xq.scales[block];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d), acc[r]);
+      correction[r] += d * static_cast<float>(xq.sums[block]);
+    }
+  }
+  for (int r = 0; r < N; ++r) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s) - 8.0f * correction[r];
+  }
+}
+
+// sum over the row of w_code * x, times the row's scale, as sum_blocks d_x * sum(w_code * x_code): the signed
+// weights' magnitudes (unsigned) against the activations carrying the weights' signs, in integer multiply-adds.
+template <int N>
+inline void int8_row_dots_vnni(const int8_t* w, const Q8Rows& xq, int64_t in, float* out) {
+  const int64_t groups = in / Q4_GROUP;
+  __m256 acc[N];
+  for (int r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i weights = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * Q4_GROUP));
+    __m256i magnitudes = _mm256_sign_epi8(weights, weights);
+    for (int r = 0; r < N; ++r) {
+      const int64_t block = r * groups + g;
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.codes.data() + block * Q4_GROUP));
+      __m256i dot = dot_u8_s8(_mm256_setzero_si256(), magnitudes, _mm256_sign_epi8(x, weights));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xq.scales[block]), acc[r]);
+    }
+  }
+  for (int r = 0; r < N; ++r) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s);
+  }
+}
+#endif
+
 template <int K, int N>
 void run_rows(const float* x, const void* w, int64_t row_bytes, const float* scales, const float* bias, float* y,
               int64_t in, int64_t out) {
+#ifdef STUDIO_VNNI
+  // Integer dot products where the rows split into blocks of 32 (every GPT-2 width); floats otherwise.
+  const bool integer = (K == Q4 || K == INT8) && in % Q4_GROUP == 0;
+  Q8Rows xq;
+  if (integer) xq = quantize_rows(x, N, in);
+#endif
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     float dots[N];
     for (int64_t o = begin; o < end; ++o) {
       const void* row = static_cast<const uint8_t*>(w) + o * row_bytes;
       if constexpr (K == Q4) {
+#ifdef STUDIO_VNNI
+        q4_row_dots_vnni<N>(static_cast<const uint8_t*>(row), scales + o * (in / Q4_GROUP), xq, in, dots);
+#else
         q4_row_dots<N>(static_cast<const uint8_t*>(row), scales + o * (in / Q4_GROUP), x, in, dots);
+#endif
       } else {
+#ifdef STUDIO_VNNI
+        if (K == INT8 && integer) {
+          int8_row_dots_vnni<N>(static_cast<const int8_t*>(row), xq, in, dots);
+        } else {
+          row_dots<K, N>(row, x, in, dots);
+        }
+#else
         row_dots<K, N>(row, x, in, dots);
+#endif
         if constexpr (K == INT8) {
           for (int r = 0; r < N; ++r) dots[r] *= scales[o];
         }
@@ -358,14 +469,27 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
   return out;
 }
 
+// Whether int8 and 4-bit products round the activations to int8 blocks of 32 first (the integer dot-product path
+// was built).
+int64_t rounds_activations() {
+#ifdef STUDIO_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(studio, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? scales, Tensor? bias, int kind) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head) -> Tensor");
+  m.def("rounds_activations() -> int");
 }
 
 TORCH_LIBRARY_IMPL(studio, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("attend_one", &attend_one);
 }
+
+TORCH_LIBRARY_IMPL(studio, CompositeExplicitAutograd, m) { m.impl("rounds_activations", &rounds_activations); }

@@ -63,6 +63,22 @@ def _q4_dequantize(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (codes * scales.unsqueeze(-1)).reshape(out_features, -1)
 
 
+def q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, in) rounded as the int8 and 4-bit decoding kernels round activations where they use integer dot
+    products (llama.cpp's Q8_0: per block of 32 values, int8 codes with the block's largest magnitude at 127)."""
+    blocks = x.reshape(x.size(0), -1, INT4_GROUP)
+    scales = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    codes = torch.round(blocks / torch.where(scales == 0, torch.ones_like(scales), scales))
+    return (codes * scales).reshape_as(x)
+
+
+def kernels_round_activations() -> bool:
+    """Whether the loaded kernels round int8 and 4-bit layers' activations (built with integer dot products:
+    AVX-VNNI), as :func:`q8_blocks` does."""
+    op = decoding_kernel("rounds_activations")
+    return op is not None and bool(op())
+
+
 class CompactLinear(nn.Module):
     """A linear layer whose weight is stored in fewer bytes (``kind``: f16, bf16, int8 or q4), fp32 in and out.
 
@@ -114,6 +130,8 @@ class CompactLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # PyTorch's weight-only int8 kernel
             y = y if self.bias is None else y.add_(self.bias)
         else:
+            if self.kind in ("q4", "int8") and self.in_features % INT4_GROUP == 0 and kernels_round_activations():
+                x2 = q8_blocks(x2)  # what the decoding kernel multiplies: held-out losses measure the same products
             y = F.linear(x2, self.dequantized(), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
