@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -469,6 +471,46 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
   return out;
 }
 
+// The k largest values of each row of logits (R, V) fp32 and their indices, best first (ties: the lower index
+// first): what torch.topk returns, in one pass with a k-entry min-heap per row instead of a partial sort of the row.
+std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& logits_in, int64_t k) {
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat, "logits must be (R, V) fp32");
+  at::Tensor logits = logits_in.contiguous();
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= V, "k must be in 1..V");
+  at::Tensor values = at::empty({rows, k}, logits.options());
+  at::Tensor indices = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  // "better": a larger value, or the same value at a lower index
+  auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> heap;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = lp + r * V;
+      heap.clear();
+      for (int64_t i = 0; i < k; ++i) heap.emplace_back(row[i], i);
+      std::make_heap(heap.begin(), heap.end(), better);  // the worst kept entry on top
+      for (int64_t i = k; i < V; ++i) {
+        if (row[i] > heap.front().first) {  // NaN and equal values never enter: the lower index stays
+          std::pop_heap(heap.begin(), heap.end(), better);
+          heap.back() = {row[i], i};
+          std::push_heap(heap.begin(), heap.end(), better);
+        }
+      }
+      std::sort(heap.begin(), heap.end(), better);
+      for (int64_t i = 0; i < k; ++i) {
+        vp[r * k + i] = heap[i].first;
+        ip[r * k + i] = heap[i].second;
+      }
+    }
+  });
+  return {values, indices};
+}
+
 // Whether int8 and 4-bit products round the activations to int8 blocks of 32 first (the integer dot-product path
 // was built).
 int64_t rounds_activations() {
@@ -485,11 +527,13 @@ TORCH_LIBRARY(studio, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? scales, Tensor? bias, int kind) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head) -> Tensor");
   m.def("rounds_activations() -> int");
+  m.def("top_k(Tensor logits, int k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(studio, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("attend_one", &attend_one);
+  m.impl("top_k", &top_k);
 }
 
 TORCH_LIBRARY_IMPL(studio, CompositeExplicitAutograd, m) { m.impl("rounds_activations", &rounds_activations); }

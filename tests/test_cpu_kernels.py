@@ -114,3 +114,14 @@ def test_decoding_with_the_attention_kernel_matches_the_plain_path(kernels, monk
                 plain_logits, _ = model(idx[:, position : position + 1], cache=cache_plain, start_pos=position)
             torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache_fast.k[:, :, :, :6], cache_plain.k[:, :, :, :6])
+
+
+@pytest.mark.parametrize("k", [1, 7, 200])
+def test_top_k_returns_what_torch_topk_returns(kernels, k):
+    logits = torch.randn(3, 50257, generator=torch.Generator().manual_seed(k)) * 4
+    values, indices = torch.ops.studio.top_k(logits, k)
+    expected_values, expected_indices = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    ties = torch.zeros(1, 10)
+    ties[0, 7] = 1.0
+    assert torch.ops.studio.top_k(ties, 3)[1].tolist() == [[7, 0, 1]]  # equal values: the lower index first
