@@ -29,6 +29,14 @@ DISABLE_ENV = "STUDIO_NO_CPU_KERNELS"
 
 
 @functools.lru_cache(maxsize=1)
+def build_stamp() -> str:
+    """One build per source, CPU capability and torch: a home folder shared by different machines keeps each apart,
+    and figures measured with the kernels (core.precision) name the build they were measured with."""
+    parts = SOURCE.read_bytes() + torch.backends.cpu.get_cpu_capability().encode() + torch.__version__.encode()
+    return hashlib.sha256(parts).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
 def load() -> tuple[bool, str]:
     """Build (once per machine and source) and load the kernels; (True, where from) or (False, why not)."""
     if os.environ.get(DISABLE_ENV) == "1":
@@ -39,13 +47,9 @@ def load() -> tuple[bool, str]:
         return False, "no C++ compiler (install g++ to build the studio's decoding kernels)"
     from torch.utils import cpp_extension
 
-    # One build per source, CPU capability and torch: a home folder shared by different machines keeps each apart.
-    stamp = hashlib.sha256(
-        SOURCE.read_bytes() + torch.backends.cpu.get_cpu_capability().encode() + torch.__version__.encode()
-    ).hexdigest()[:12]
     try:
         cpp_extension.load(
-            name=f"studio_cpu_kernels_{stamp}",
+            name=f"studio_cpu_kernels_{build_stamp()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

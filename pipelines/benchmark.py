@@ -19,8 +19,9 @@ Rows (the reference is measured in the same process, on identical weights and in
                              (llama-cpp-python) at F32, Q8_0, F16, F16 and Q4_0 on the studio's GGUF export of the same
                              weights, the same threads, prompt and new tokens; runs by default when llama-cpp-python
                              is installed (pip install -r requirements-llamacpp.txt)
-  int8                       generate_b1_int8 and val_loss_int8: a registered model (--model) with int8 linear
-                             layers vs the same model in fp32, speed at batch 1 and validation loss on --data
+  int8                       generate_b1_<p> and val_loss_<p> for p = bf16, f16, int8, int4 (each this machine can
+                             run): a registered model (--model) at that precision vs the same model in fp32, speed
+                             at batch 1 and validation loss on --data
   quality                    quality_<budget>: held-out bits per character of `python -m pipelines.train
                              --time-budget <budget>` (the CPU recipe) vs nanoGPT's char-level CPU model (2.71);
                              budget_wall_<budget>: that command's wall time vs the budget; quality_hf_<budget>: the
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if "int8" in selected:
         measure(
-            f"int8: {model_ref} with int8 linear layers vs fp32, sampling at batch 1 and validation loss",
+            f"int8: {model_ref} at bf16, f16, int8 and int4 vs fp32, sampling at batch 1 and validation loss",
             _int8_rows,
             model_ref,
             args,
@@ -285,8 +286,11 @@ def _has_transformers() -> bool:
 
 
 def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
+    """The ``int8`` section: every lower precision of :mod:`core.quantize` this machine can run, against fp32."""
     from core.config import DataConfig
     from core.data import prepare_corpus
+    from core.errors import UsageError
+    from core.quantize import PRECISIONS
     from core.registry import load_registered_model
     from core.store import connect
     from core.tokenizer import get_tokenizer
@@ -294,15 +298,22 @@ def _int8_rows(model_ref: str, args, log: Callable[[str], None]) -> list:
 
     model, _, _ = load_registered_model(connect(), model_ref, device="cpu")
     corpus = prepare_corpus(DataConfig(source=args.data), get_tokenizer())
-    return benchmark.quantization(
-        model,
-        corpus.tokens("val"),
-        new_tokens=64 if args.quick else 256,
-        repeats=2 if args.quick else 3,
-        eval_batches=4 if args.quick else 16,
-        label=model_ref,
-        log=log,
-    )
+    rows = []
+    for precision in [p for p in PRECISIONS if p != "fp32"]:
+        try:
+            rows += benchmark.quantization(
+                model,
+                corpus.tokens("val"),
+                new_tokens=64 if args.quick else 256,
+                repeats=2 if args.quick else 3,
+                eval_batches=4 if args.quick else 16,
+                label=model_ref,
+                log=log,
+                precision=precision,
+            )
+        except UsageError as exc:
+            log(f"  {precision}: no rows, {exc}")
+    return rows
 
 
 def _memorization_rows(model_ref: str | None, data, args, log: Callable[[str], None]) -> list:

@@ -308,49 +308,56 @@ def quantization(
     label: str = "the model",
     log: Callable[[str], None] = print,
     prompt: str = "ROMEO:",
+    precision: str = "int8",
 ) -> list[Row]:
-    """What ``--quantize int8`` (:func:`core.quantize.quantize_int8`) does to a trained ``model`` (fp32, CPU):
-    ``generate_b1_int8``, its sampling tokens/s at batch 1 against the same model in fp32 (ratio = speed-up;
-    one warm-up each, then ``repeats`` alternating runs, medians), and ``val_loss_int8``, its mean loss on the
-    first ``eval_batches`` sequential batches of ``val_tokens`` against fp32's (ratio = fp32 / int8, so just
+    """What ``--quantize <precision>`` (:func:`core.quantize.quantize`) does to a trained ``model`` (fp32, CPU):
+    ``generate_b1_<precision>``, its sampling tokens/s at batch 1 against the same model in fp32 (ratio = speed-up;
+    one warm-up each, then ``repeats`` alternating runs, medians), and ``val_loss_<precision>``, its mean loss on the
+    first ``eval_batches`` sequential batches of ``val_tokens`` against fp32's (ratio = fp32 / quantized, so just
     below 1 means a small loss increase; the note gives the change)."""
     from core.evaluation import mean_loss
-    from core.quantize import quantize_int8
+    from core.quantize import quantize
     from core.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
-    quantized = quantize_int8(model)
+    quantized = quantize(model, precision)
 
     def rate(which, n: int) -> float:
         return n / _sampling_seconds(which, tokenizer, prompt, 1, n)
 
     rate(quantized, 8), rate(model, 8)  # warm-up
-    int8_rates, fp32_rates = [], []
+    quantized_rates, fp32_rates = [], []
     for repeat in range(repeats):
-        int8_rates.append(rate(quantized, new_tokens))
+        quantized_rates.append(rate(quantized, new_tokens))
         fp32_rates.append(rate(model, new_tokens))
-        log(f"  repeat {repeat + 1}/{repeats}: int8 {int8_rates[-1]:.1f} tok/s, fp32 {fp32_rates[-1]:.1f}")
+        log(f"  repeat {repeat + 1}/{repeats}: {precision} {quantized_rates[-1]:.1f} tok/s, fp32 {fp32_rates[-1]:.1f}")
     B, T = INT8_EVAL_SHAPE[0], min(INT8_EVAL_SHAPE[1], model.config.block_size)
     eval_batches = max(1, min(eval_batches, (len(val_tokens) - 1) // (B * T)))
-    int8_loss = mean_loss(quantized, val_tokens, B, T, max_batches=eval_batches)
+    quantized_loss = mean_loss(quantized, val_tokens, B, T, max_batches=eval_batches)
     fp32_loss = mean_loss(model, val_tokens, B, T, max_batches=eval_batches)
-    change = int8_loss - fp32_loss
-    log(f"  validation loss over {eval_batches} × {B} × {T} tokens: int8 {int8_loss:.4f}, fp32 {fp32_loss:.4f}")
+    change = quantized_loss - fp32_loss
+    log(
+        f"  validation loss over {eval_batches} × {B} × {T} tokens: {precision} {quantized_loss:.4f}, "
+        f"fp32 {fp32_loss:.4f}"
+    )
+    spread = (
+        f"ranges {min(quantized_rates):.1f}–{max(quantized_rates):.1f} vs {min(fp32_rates):.1f}–{max(fp32_rates):.1f}"
+    )
     return [
         higher_is_better(
-            "generate_b1_int8",
-            statistics.median(int8_rates),
+            f"generate_b1_{precision}",
+            statistics.median(quantized_rates),
             statistics.median(fp32_rates),
             "tokens/s",
-            f"{label}: int8 vs fp32, 1 × {new_tokens} new tokens, temperature {SAMPLING['temperature']}, "
-            f"top-k {SAMPLING['top_k']}",
+            f"{label}: {precision} vs fp32, 1 × {new_tokens} new tokens, temperature {SAMPLING['temperature']}, "
+            f"top-k {SAMPLING['top_k']}; {spread}",
         ),
         lower_is_better(
-            "val_loss_int8",
-            int8_loss,
+            f"val_loss_{precision}",
+            quantized_loss,
             fp32_loss,
             "nats/token",
-            f"{label}: int8 vs fp32 on {eval_batches * B * T:,} validation tokens, change {change:+.4f} "
+            f"{label}: {precision} vs fp32 on {eval_batches * B * T:,} validation tokens, change {change:+.4f} "
             f"({100 * change / fp32_loss:+.2f}%)",
         ),
     ]
