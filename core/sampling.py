@@ -136,6 +136,10 @@ def stream_tokens(
         raise ValueError(f"prompt must have 1..{block_size} tokens, got {len(prompt_ids)}")
     was_training = model.training
     device, dtype = _model_device_dtype(model)
+    if device.type == "cpu":
+        from core.cpu_kernels import load
+
+        load()  # the decoding kernels: built once per machine, loaded once per process; without them, PyTorch's ops
     K = config.num_samples
     # The cache and the activations grow with the number of samples: a failed allocation says to ask for fewer.
     with friendly_oom(GENERATION_OOM_HINT):
