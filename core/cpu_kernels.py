@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -46,6 +47,14 @@ def load() -> tuple[bool, str]:
     if cpp_compiler() is None:
         return False, "no C++ compiler (install g++ to build the studio's decoding kernels)"
     from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        try:  # the ninja package from PyPI (requirements.txt) keeps its binary beside the venv's Python
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            return False, "ninja is not installed (pip install ninja) to build the studio's decoding kernels"
 
     try:
         cpp_extension.load(

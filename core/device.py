@@ -71,6 +71,19 @@ def peak_flops(device: str | torch.device) -> float | None:
     return peak_flops_for_name(torch.cuda.get_device_name(device))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` says of the processor."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:  # not Linux: keep platform's answer
+        pass
+    return name
+
+
 def cpp_compiler() -> str | None:
     """Path of the C++ compiler torch.compile's CPU backend (Inductor) would run: ``$CXX``, else g++ (clang++ on
     macOS), or None when it is not installed."""

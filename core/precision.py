@@ -10,7 +10,6 @@ the ``precision_auto`` tag, per machine, so ``--quantize auto`` measures once pe
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,17 +48,12 @@ class PrecisionMeasurement:
 def machine_fingerprint() -> str:
     """What decides the figures: CPU model, its vector capability, torch threads and version, and the build of the
     decoding kernels (a new version of them is measured again)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:  # not Linux: keep platform's answer
-        pass
     from core.cpu_kernels import build_stamp
+    from core.device import cpu_name
 
     capability = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
-    return f"{cpu} | {capability} | {threads} threads | torch {torch.__version__} | kernels {build_stamp()}"
+    return f"{cpu_name()} | {capability} | {threads} threads | torch {torch.__version__} | kernels {build_stamp()}"
 
 
 def decode_speed(model: GPT, prompt_ids: list[int], new_tokens: int = PROBE_TOKENS) -> float:

@@ -34,14 +34,10 @@ def machine_description() -> str:
     """The CPU model, core count, torch threads and versions: where a table's figures were measured."""
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:  # not Linux: keep platform's answer
-        pass
+    from core.device import cpu_name
+
     return (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
 
