@@ -87,9 +87,9 @@ with st.form("generate"):
     precision = st.selectbox(
         "Precision (CPU)",
         PAGE_PRECISIONS,
-        help="Fewer bytes per weight decode faster on a CPU: int8 or int4 weights, bf16 or f16 where this CPU has "
-        "the units (refused where it would be slower). auto: the fastest precision within 1% of fp32's held-out "
-        "loss, as measured on this machine by python -m pipelines.generate --quantize auto (once per version).",
+        help="Fewer bytes per weight decode faster on a CPU: int8 or int4 weights, or bf16 or f16 (half the "
+        "bytes). auto: the fastest precision within 1% of fp32's held-out loss, as measured on this machine by "
+        "python -m pipelines.generate --quantize auto (once per version).",
     )
     go = st.form_submit_button("Generate", type="primary")
 
