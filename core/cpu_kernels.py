@@ -68,8 +68,3 @@ def load() -> tuple[bool, str]:
     except (RuntimeError, OSError, ImportError) as exc:  # a failed build: say why, decode without the kernels
         return False, f"the decoding kernels did not build: {str(exc).strip().splitlines()[-1][:200]}"
     return True, "built for this CPU"
-
-
-def available() -> bool:
-    """Whether ``torch.ops.studio.linear_small`` is registered in this process (after :func:`load`)."""
-    return hasattr(torch.ops, "studio") and hasattr(torch.ops.studio, "linear_small")

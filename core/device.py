@@ -113,13 +113,3 @@ def matmul_gflops(dtype: torch.dtype, size: int = PROBE_SIZE) -> float:
         if time.perf_counter() > deadline:
             break
     return 2 * size**3 / best / 1e9
-
-
-def half_precision_support(dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether this CPU runs ``dtype`` (bf16 or f16) matmuls at least as fast as fp32, measured by
-    :func:`matmul_gflops`, and the figures that say so, in words."""
-    name = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, str(dtype))
-    half, full = matmul_gflops(dtype), matmul_gflops(torch.float32)
-    figures = f"{name} matmuls run at {half:,.0f} GFLOP/s against {full:,.0f} for fp32 on this CPU"
-    capability = torch.backends.cpu.get_cpu_capability()
-    return half >= full, f"{figures} ({capability})"

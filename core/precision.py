@@ -2,9 +2,10 @@
 
 :func:`measure_precisions` times batch-1 decoding of every precision of :mod:`core.quantize` that this CPU can run
 and measures each one's held-out loss; :func:`choose_precision` picks the fastest whose loss stays within
-:data:`LOSS_TOLERANCE` of fp32's. Nothing is assumed about the CPU: a precision it has no units for is measured as
-unusable (:func:`core.device.half_precision_support`), not guessed. A registered version keeps its measurements as
-the ``precision_auto`` tag, per machine, so ``--quantize auto`` measures once per version and machine.
+:data:`LOSS_TOLERANCE` of fp32's. Nothing is assumed about the CPU: a precision it cannot run is measured as
+unusable with its reason (e.g. no C++ compiler for the kernels it needs), not guessed. A registered version keeps
+its measurements as the ``precision_auto`` tag, per machine and kernel build, so ``--quantize auto`` measures once
+per version and machine.
 """
 
 from __future__ import annotations
