@@ -31,9 +31,11 @@ DISABLE_ENV = "STUDIO_NO_CPU_KERNELS"
 
 @functools.lru_cache(maxsize=1)
 def build_stamp() -> str:
-    """One build per source, CPU capability and torch: a home folder shared by different machines keeps each apart,
-    and figures measured with the kernels (core.precision) name the build they were measured with."""
-    parts = SOURCE.read_bytes() + torch.backends.cpu.get_cpu_capability().encode() + torch.__version__.encode()
+    """One build per source file (its place and content), CPU capability and torch: two checkouts, or a home folder
+    shared by different machines, never rebuild each other's library, and figures measured with the kernels
+    (core.precision) name the build they were measured with."""
+    parts = str(SOURCE).encode() + SOURCE.read_bytes()
+    parts += torch.backends.cpu.get_cpu_capability().encode() + torch.__version__.encode()
     return hashlib.sha256(parts).hexdigest()[:12]
 
 
