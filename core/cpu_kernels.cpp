@@ -41,6 +41,25 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// One weight of a row, widened to fp32 (the scalar tails and the portable path).
+template <int K>
+inline float weight_at(const void* w, int64_t i) {
+  if constexpr (K == F32) return static_cast<const float*>(w)[i];
+  else if constexpr (K == F16) return half_to_float(static_cast<const uint16_t*>(w)[i]);
+  else if constexpr (K == BF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+  else return static_cast<float>(static_cast<const int8_t*>(w)[i]);
+}
+
+#if defined(STUDIO_AVX512) || defined(STUDIO_AVX2)
+// The sum of a 256-bit register's 8 floats.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 #ifdef STUDIO_AVX512
 // 16 weights from position i of a row, widened to fp32.
 template <int K>
@@ -56,14 +75,6 @@ inline __m512 load16(const void* row, int64_t i) {
     __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
   }
-}
-
-template <int K>
-inline float weight_at(const void* w, int64_t i) {
-  if constexpr (K == F32) return static_cast<const float*>(w)[i];
-  else if constexpr (K == F16) return half_to_float(static_cast<const uint16_t*>(w)[i]);
-  else if constexpr (K == BF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
-  else return static_cast<float>(static_cast<const int8_t*>(w)[i]);
 }
 
 // Dot products of one weight row (fp32/f16/bf16/int8) with N rows of x: two 16-wide accumulators per row keep
@@ -110,12 +121,6 @@ inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, i
   for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
 }
 #elif defined(STUDIO_AVX2)
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // 8 weights from position i of a row, widened to fp32.
 template <int K>
@@ -148,11 +153,7 @@ inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
   }
   for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
   for (; i < in; ++i) {  // a tail shorter than 16 (never for GPT-2 shapes)
-    float wi;
-    if constexpr (K == F32) wi = static_cast<const float*>(w)[i];
-    else if constexpr (K == F16) wi = half_to_float(static_cast<const uint16_t*>(w)[i]);
-    else if constexpr (K == BF16) wi = bf16_to_float(static_cast<const uint16_t*>(w)[i]);
-    else wi = static_cast<float>(static_cast<const int8_t*>(w)[i]);
+    const float wi = weight_at<K>(w, i);
     for (int r = 0; r < N; ++r) out[r] += wi * x[r * in + i];
   }
 }
@@ -186,14 +187,6 @@ inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, i
   for (int r = 0; r < N; ++r) out[r] = hsum(total[r]);
 }
 #else
-template <int K>
-inline float weight_at(const void* w, int64_t i) {
-  if constexpr (K == F32) return static_cast<const float*>(w)[i];
-  else if constexpr (K == F16) return half_to_float(static_cast<const uint16_t*>(w)[i]);
-  else if constexpr (K == BF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
-  else return static_cast<float>(static_cast<const int8_t*>(w)[i]);
-}
-
 template <int K, int N>
 inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
   float acc[N] = {};
@@ -278,12 +271,7 @@ inline void q4_row_dots_vnni(const uint8_t* w, const float* w_scales, const Q8Ro
       correction[r] += d * static_cast<float>(xq.sums[block]);
     }
   }
-  for (int r = 0; r < N; ++r) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s) - 8.0f * correction[r];
-  }
+  for (int r = 0; r < N; ++r) out[r] = hsum(acc[r]) - 8.0f * correction[r];
 }
 
 // sum over the row of w_code * x, times the row's scale, as sum_blocks d_x * sum(w_code * x_code): the signed
@@ -303,12 +291,7 @@ inline void int8_row_dots_vnni(const int8_t* w, const Q8Rows& xq, int64_t in, fl
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xq.scales[block]), acc[r]);
     }
   }
-  for (int r = 0; r < N; ++r) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s);
-  }
+  for (int r = 0; r < N; ++r) out[r] = hsum(acc[r]);
 }
 #endif
 

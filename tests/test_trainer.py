@@ -528,35 +528,25 @@ def test_bf16_training_on_a_cpu_where_bf16_measures_fast_tracks_the_fp32_loss_cu
 ):
     from core import device as device_module
 
-    fp32_trainer, fp32_rec = make_trainer(
-        small_corpus,
-        tmp_path / "fp32",
-        lr=3e-3,
-        target_loss=0,
-        max_steps=12,
-        precision="fp32",
-        eval_interval=0,
-        sample_interval=0,
-    )
-    assert fp32_trainer.summary()["train_precision"] == "fp32"
-    fp32_trainer.fit(tmp_path / "fp32" / "out")
     # Whatever this CPU measures, a bf16 run gets bf16 where bf16 measures fast; its loss curve follows fp32's.
     monkeypatch.setattr(
         device_module, "matmul_gflops", lambda dtype, size=512: 400.0 if dtype == torch.bfloat16 else 100.0
     )
-    bf16_trainer, bf16_rec = make_trainer(
-        small_corpus,
-        tmp_path / "bf16",
-        lr=3e-3,
-        target_loss=0,
-        max_steps=12,
-        precision="bf16",
-        eval_interval=0,
-        sample_interval=0,
-    )
-    assert bf16_trainer.summary()["train_precision"] == "bf16"
-    bf16_trainer.fit(tmp_path / "bf16" / "out")
-    fp32_losses = [m["loss"] for _, m in fp32_rec.steps]
-    bf16_losses = [m["loss"] for _, m in bf16_rec.steps]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer, rec = make_trainer(
+            small_corpus,
+            tmp_path / precision,
+            lr=3e-3,
+            target_loss=0,
+            max_steps=12,
+            precision=precision,
+            eval_interval=0,
+            sample_interval=0,
+        )
+        assert trainer.summary()["train_precision"] == precision
+        trainer.fit(tmp_path / precision / "out")
+        losses[precision] = [m["loss"] for _, m in rec.steps]
+    fp32_losses, bf16_losses = losses["fp32"], losses["bf16"]
     assert len(bf16_losses) == 12 and bf16_losses[-1] < bf16_losses[0] - 0.3  # it learns
     assert all(abs(a - b) < 0.05 * a for a, b in zip(fp32_losses, bf16_losses, strict=True))
