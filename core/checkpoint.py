@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from core.atomic import atomic_folder, restore_interrupted, write_json
 from core.config import ModelConfig
 from core.errors import StudioError
+from core.huge_pages import move_to_huge_pages
 from core.model import GPT
 
 CHECKPOINT_FORMAT = "shakespeare-gpt-checkpoint"
@@ -130,7 +131,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """The model stored in ``directory`` (in eval mode, on ``device``) and its config.json document.
+    """The model stored in ``directory`` (in eval mode, on ``device``) and its config.json document. On the CPU its
+    large weights are placed in huge memory pages where the system offers them (core.huge_pages: faster decoding).
 
     Raises :class:`CheckpointError` if the folder is incomplete, the weights file is truncated or corrupt, the
     tensors do not match the config, or any weight is NaN or infinite.
@@ -163,6 +165,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     state[TIED_KEY] = state["transformer.wte.weight"]
     model.load_state_dict(state, assign=True)
     model.tie_weights()
+    if torch.device(device).type == "cpu":
+        move_to_huge_pages(model)
     return model.eval(), document
 
 

@@ -295,9 +295,20 @@ inline void int8_row_dots_vnni(const int8_t* w, const Q8Rows& xq, int64_t in, fl
 }
 #endif
 
+// One linear layer as the kernels read it: `out` rows of `row_bytes` bytes each (the weight's layout is `kind`),
+// `in` inputs per row; scales and bias may be null (scales: one per row for INT8, one per 32 weights for Q4).
+struct LinearArgs {
+  const void* w;
+  int64_t row_bytes;
+  const float* scales;
+  const float* bias;
+  int64_t in, out, kind;
+};
+
+// y (N, out) = x (N, in) W^T + b; with `accumulate`, added to what y holds (a residual connection, in the same pass).
 template <int K, int N>
-void run_rows(const float* x, const void* w, int64_t row_bytes, const float* scales, const float* bias, float* y,
-              int64_t in, int64_t out) {
+void run_rows(const float* x, const LinearArgs& l, float* y, bool accumulate) {
+  const int64_t in = l.in, out = l.out;
 #ifdef STUDIO_VNNI
   // Integer dot products where the rows split into blocks of 32 (every GPT-2 width); floats otherwise.
   const bool integer = (K == Q4 || K == INT8) && in % Q4_GROUP == 0;
@@ -307,12 +318,12 @@ void run_rows(const float* x, const void* w, int64_t row_bytes, const float* sca
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     float dots[N];
     for (int64_t o = begin; o < end; ++o) {
-      const void* row = static_cast<const uint8_t*>(w) + o * row_bytes;
+      const void* row = static_cast<const uint8_t*>(l.w) + o * l.row_bytes;
       if constexpr (K == Q4) {
 #ifdef STUDIO_VNNI
-        q4_row_dots_vnni<N>(static_cast<const uint8_t*>(row), scales + o * (in / Q4_GROUP), xq, in, dots);
+        q4_row_dots_vnni<N>(static_cast<const uint8_t*>(row), l.scales + o * (in / Q4_GROUP), xq, in, dots);
 #else
-        q4_row_dots<N>(static_cast<const uint8_t*>(row), scales + o * (in / Q4_GROUP), x, in, dots);
+        q4_row_dots<N>(static_cast<const uint8_t*>(row), l.scales + o * (in / Q4_GROUP), x, in, dots);
 #endif
       } else {
 #ifdef STUDIO_VNNI
@@ -325,28 +336,92 @@ void run_rows(const float* x, const void* w, int64_t row_bytes, const float* sca
         row_dots<K, N>(row, x, in, dots);
 #endif
         if constexpr (K == INT8) {
-          for (int r = 0; r < N; ++r) dots[r] *= scales[o];
+          for (int r = 0; r < N; ++r) dots[r] *= l.scales[o];
         }
       }
-      const float b = bias ? bias[o] : 0.0f;
-      for (int r = 0; r < N; ++r) y[r * out + o] = dots[r] + b;
+      const float b = l.bias ? l.bias[o] : 0.0f;
+      for (int r = 0; r < N; ++r) y[r * out + o] = dots[r] + b + (accumulate ? y[r * out + o] : 0.0f);
     }
   });
 }
 
 template <int K>
-void dispatch_rows(int64_t n, const float* x, const void* w, int64_t row_bytes, const float* scales,
-                   const float* bias, float* y, int64_t in, int64_t out) {
+void dispatch_rows(int64_t n, const float* x, const LinearArgs& l, float* y, bool accumulate) {
   switch (n) {
-    case 1: return run_rows<K, 1>(x, w, row_bytes, scales, bias, y, in, out);
-    case 2: return run_rows<K, 2>(x, w, row_bytes, scales, bias, y, in, out);
-    case 3: return run_rows<K, 3>(x, w, row_bytes, scales, bias, y, in, out);
-    case 4: return run_rows<K, 4>(x, w, row_bytes, scales, bias, y, in, out);
-    case 5: return run_rows<K, 5>(x, w, row_bytes, scales, bias, y, in, out);
-    case 6: return run_rows<K, 6>(x, w, row_bytes, scales, bias, y, in, out);
-    case 7: return run_rows<K, 7>(x, w, row_bytes, scales, bias, y, in, out);
-    default: return run_rows<K, 8>(x, w, row_bytes, scales, bias, y, in, out);
+    case 1: return run_rows<K, 1>(x, l, y, accumulate);
+    case 2: return run_rows<K, 2>(x, l, y, accumulate);
+    case 3: return run_rows<K, 3>(x, l, y, accumulate);
+    case 4: return run_rows<K, 4>(x, l, y, accumulate);
+    case 5: return run_rows<K, 5>(x, l, y, accumulate);
+    case 6: return run_rows<K, 6>(x, l, y, accumulate);
+    case 7: return run_rows<K, 7>(x, l, y, accumulate);
+    default: return run_rows<K, 8>(x, l, y, accumulate);
   }
+}
+
+// y (n, out) = x (n, in) W^T + b (added to y with `accumulate`), any n: up to MAX_ROWS rows share one pass over the
+// weight, more take a pass per MAX_ROWS.
+void linear_rows(const LinearArgs& l, int64_t n, const float* x, float* y, bool accumulate) {
+  for (int64_t first = 0; first < n; first += MAX_ROWS) {
+    const int64_t rows = std::min(MAX_ROWS, n - first);
+    const float* xs = x + first * l.in;
+    float* ys = y + first * l.out;
+    switch (l.kind) {
+      case F32: dispatch_rows<F32>(rows, xs, l, ys, accumulate); break;
+      case F16: dispatch_rows<F16>(rows, xs, l, ys, accumulate); break;
+      case BF16: dispatch_rows<BF16>(rows, xs, l, ys, accumulate); break;
+      case INT8: dispatch_rows<INT8>(rows, xs, l, ys, accumulate); break;
+      default: dispatch_rows<Q4>(rows, xs, l, ys, accumulate); break;
+    }
+  }
+}
+
+// A weight (its kind's layout, see linear_small), checked, as the kernels read it. `out` rows are used (at most the
+// weight's: the LM head skips the vocabulary's padding rows).
+LinearArgs linear_args(const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t kind, int64_t in, int64_t out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
+  TORCH_CHECK(out >= 1 && out <= weight.size(0), "a layer cannot use more rows than its weight has");
+  const float* scale_ptr = nullptr;
+  if (kind == INT8 || kind == Q4) {
+    TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kFloat && scales->is_contiguous(),
+                "int8 and 4-bit weights need fp32 scales");
+    TORCH_CHECK(scales->size(0) == weight.size(0), "one row of scales per weight row");
+    scale_ptr = scales->data_ptr<float>();
+  }
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == weight.size(0), "bias must be fp32 (out,)");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  int64_t row_bytes = 0;
+  switch (kind) {
+    case F32:
+      TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.size(1) == in, "fp32 weight must be (out, in)");
+      row_bytes = in * 4;
+      break;
+    case F16:
+      TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.size(1) == in, "f16 weight must be (out, in)");
+      row_bytes = in * 2;
+      break;
+    case BF16:
+      TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.size(1) == in, "bf16 weight must be (out, in)");
+      row_bytes = in * 2;
+      break;
+    case INT8:
+      TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) == in, "int8 weight must be (out, in)");
+      row_bytes = in;
+      break;
+    case Q4:
+      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.size(1) * 2 == in && in % Q4_GROUP == 0,
+                  "4-bit weight must be (out, in / 2) uint8 with in a multiple of 32");
+      TORCH_CHECK(scales->dim() == 2 && scales->size(1) == in / Q4_GROUP, "4-bit scales must be (out, in / 32)");
+      row_bytes = in / 2;
+      break;
+    default:
+      TORCH_CHECK(false, "unknown weight kind ", kind);
+  }
+  return LinearArgs{weight.data_ptr(), row_bytes, scale_ptr, bias_ptr, in, out, kind};
 }
 
 // x: (n, in) fp32, n in 1..8; weight: (out, in) of the kind's dtype, or (out, in / 2) uint8 for Q4;
@@ -354,85 +429,35 @@ void dispatch_rows(int64_t n, const float* x, const void* w, int64_t row_bytes, 
 at::Tensor linear_small(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                         const c10::optional<at::Tensor>& bias, int64_t kind) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) >= 1 && x_in.size(0) <= MAX_ROWS, "x must be (1..8, in)");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
   at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0);
-  const float* scale_ptr = nullptr;
-  if (kind == INT8 || kind == Q4) {
-    TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kFloat && scales->is_contiguous(),
-                "int8 and 4-bit weights need fp32 scales");
-    scale_ptr = scales->data_ptr<float>();
-  }
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out, "bias must be fp32 (out,)");
-    bias_ptr = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({n, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const void* w = weight.data_ptr();
-  switch (kind) {
-    case F32:
-      TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.size(1) == in, "fp32 weight must be (out, in)");
-      dispatch_rows<F32>(n, xp, w, in * 4, nullptr, bias_ptr, yp, in, out);
-      break;
-    case F16:
-      TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.size(1) == in, "f16 weight must be (out, in)");
-      dispatch_rows<F16>(n, xp, w, in * 2, nullptr, bias_ptr, yp, in, out);
-      break;
-    case BF16:
-      TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.size(1) == in, "bf16 weight must be (out, in)");
-      dispatch_rows<BF16>(n, xp, w, in * 2, nullptr, bias_ptr, yp, in, out);
-      break;
-    case INT8:
-      TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) == in, "int8 weight must be (out, in)");
-      dispatch_rows<INT8>(n, xp, w, in, scale_ptr, bias_ptr, yp, in, out);
-      break;
-    case Q4:
-      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.size(1) * 2 == in && in % Q4_GROUP == 0,
-                  "4-bit weight must be (out, in / 2) uint8 with in a multiple of 32");
-      dispatch_rows<Q4>(n, xp, w, in / 2, scale_ptr, bias_ptr, yp, in, out);
-      break;
-    default:
-      TORCH_CHECK(false, "unknown weight kind ", kind);
-  }
+  const LinearArgs l = linear_args(weight, scales, bias, kind, x.size(1), weight.size(0));
+  at::Tensor y = at::empty({x.size(0), l.out}, x.options());
+  linear_rows(l, x.size(0), x.data_ptr<float>(), y.data_ptr<float>(), false);
   return y;
 }
 
-// One decoding step of causal self-attention for every sample and head at once: the new token's key and value go
-// into the cache at `pos`, and its query attends to positions 0..pos. qkv: (B, 3C) fp32, the c_attn output of the
-// new token (q, k, v of all heads); k_cache, v_cache: (B, n_head, max_len, head_dim) fp32, one layer's cache.
-// Returns (B, C): each head's weighted sum of values, heads side by side (what the output projection reads). One
-// call replaces the dozen small tensor operations (views, transposes, two cache writes, two products, a softmax)
-// whose dispatch cost more than their arithmetic.
-at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t n_head) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv must be (B, 3C) fp32");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat, "caches must be fp32");
-  const int64_t B = qkv.size(0), C = qkv.size(1) / 3, hd = C / n_head, max_len = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_head && k_cache.size(3) == hd, "cache shape mismatch");
-  TORCH_CHECK(pos >= 0 && pos < max_len, "position outside the cache");
-  at::Tensor out = at::empty({B, C}, qkv.options());
-  const float* qkv_p = qkv.data_ptr<float>();
-  float* k_p = k_cache.data_ptr<float>();
-  float* v_p = v_cache.data_ptr<float>();
-  float* out_p = out.data_ptr<float>();
+// One decoding step of causal self-attention for B samples and every head at once: the new token's key and value go
+// into one layer's cache at `pos`, and its query attends to positions 0..pos. qkv: (B, 3C), the c_attn output of the
+// new token (q, k, v of all heads); k_cache, v_cache: (B, n_head, max_len, head_dim). out: (B, C), each head's
+// weighted sum of values, heads side by side (what the output projection reads).
+void attend_rows(const float* qkv, float* k_cache, float* v_cache, int64_t B, int64_t C, int64_t n_head,
+                 int64_t max_len, int64_t pos, float* out) {
+  const int64_t hd = C / n_head, length = pos + 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t length = pos + 1;
   at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(length);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_head, h = task % n_head;
-      const float* q = qkv_p + b * 3 * C + h * hd;
-      float* keys = k_p + (b * n_head + h) * max_len * hd;
-      float* values = v_p + (b * n_head + h) * max_len * hd;
-      std::memcpy(keys + pos * hd, qkv_p + b * 3 * C + C + h * hd, hd * sizeof(float));
-      std::memcpy(values + pos * hd, qkv_p + b * 3 * C + 2 * C + h * hd, hd * sizeof(float));
+      const float* q = qkv + b * 3 * C + h * hd;
+      float* keys = k_cache + (b * n_head + h) * max_len * hd;
+      float* values = v_cache + (b * n_head + h) * max_len * hd;
+      std::memcpy(keys + pos * hd, qkv + b * 3 * C + C + h * hd, hd * sizeof(float));
+      std::memcpy(values + pos * hd, qkv + b * 3 * C + 2 * C + h * hd, hd * sizeof(float));
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < length; ++t) {
         const float* k = keys + t * hd;
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < hd; ++d) dot += q[d] * k[d];
         scores[t] = dot * scale;
         top = std::max(top, scores[t]);
@@ -442,7 +467,7 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
         scores[t] = std::exp(scores[t] - top);
         total += scores[t];
       }
-      float* o = out_p + b * C + h * hd;
+      float* o = out + b * C + h * hd;
       for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
       for (int64_t t = 0; t < length; ++t) {
         const float p = scores[t] / total;
@@ -451,7 +476,170 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
       }
     }
   });
+}
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t dims) {
+  TORCH_CHECK(k_cache.dim() == dims && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat, "caches must be fp32");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "the key and value caches must have one shape");
+}
+
+// attend_rows on tensors: qkv (B, 3C) fp32; k_cache, v_cache: (B, n_head, max_len, head_dim) fp32. Returns (B, C).
+// One call replaces the dozen small tensor operations (views, transposes, two cache writes, two products, a
+// softmax) whose dispatch cost more than their arithmetic.
+at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t n_head) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv must be (B, 3C) fp32");
+  check_cache(k_cache, v_cache, 4);
+  const int64_t B = qkv.size(0), C = qkv.size(1) / 3, max_len = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_head && k_cache.size(3) == C / n_head,
+              "cache shape mismatch");
+  TORCH_CHECK(pos >= 0 && pos < max_len, "position outside the cache");
+  at::Tensor out = at::empty({B, C}, qkv.options());
+  attend_rows(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B, C, n_head, max_len,
+              pos, out.data_ptr<float>());
   return out;
+}
+
+// e^x within a few units in the last place: 2^n times a degree-6 polynomial of the remainder, in plain arithmetic
+// that the compiler vectorizes (std::exp is a call per element: 37 thousand per gpt2 token, half a millisecond).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln 2 in two parts
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &bits, sizeof power);
+  return p * power;
+}
+
+// GPT-2's GELU (the tanh form), in place: 0.5 x (1 + tanh(u)) written as x / (1 + e^(-2u)).
+void gelu_in_place(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    x[i] = v / (1.0f + exp_approx(-2.0f * u));
+  }
+}
+
+// LayerNorm of n rows of C: (x - mean) / sqrt(variance + eps) * weight + bias (bias may be null).
+void layer_norm_rows(const float* x, int64_t n, int64_t C, const float* weight, const float* bias, float eps,
+                     float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = x + r * C;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < C; ++i) sum += row[i];
+    const float mean = sum / static_cast<float>(C);
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < C; ++i) squares += (row[i] - mean) * (row[i] - mean);
+    const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(C) + eps);
+    float* out = y + r * C;
+    for (int64_t i = 0; i < C; ++i) out[i] = (row[i] - mean) * inverse * weight[i] + (bias ? bias[i] : 0.0f);
+  }
+}
+
+struct Norm {
+  const float* weight;
+  const float* bias;
+};
+
+Norm norm_args(const c10::List<c10::optional<at::Tensor>>& norms, int64_t index, int64_t C) {
+  const c10::optional<at::Tensor> weight = norms.get(index), bias = norms.get(index + 1);
+  TORCH_CHECK(weight.has_value() && weight->scalar_type() == at::kFloat && weight->numel() == C &&
+                  weight->is_contiguous(),
+              "a LayerNorm weight must be fp32 (C,)");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == C && bias->is_contiguous()),
+              "a LayerNorm bias must be fp32 (C,) or None");
+  return Norm{weight->data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr};
+}
+
+// One whole decoding step of GPT-2 in one call: the logits (B, vocab) of the token after `tokens` (B,) int64, the
+// tokens at position `pos`, whose keys and values go into the caches. Per block b, norms holds ln_1's weight and
+// bias at 4b, ln_2's at 4b + 2, and ln_f's at the end (a bias may be None); weights, scales, biases and kinds
+// hold c_attn, the attention's c_proj, c_fc and the MLP's c_proj at 4b..4b + 3, and the LM head last (each in its
+// kind's layout, as linear_small takes it). k_cache, v_cache: (n_layer, B, n_head, max_len, head_dim) fp32.
+//
+// The same arithmetic as the model's forward on one position (the residual additions fused into the projections
+// that feed them), without the ~100 tensor operations and Python calls per token whose dispatch, on a small
+// model or a 4-bit one, cost as much as streaming the weights.
+at::Tensor decode_step(const at::Tensor& tokens, int64_t pos, const at::Tensor& wte, const at::Tensor& wpe,
+                       const c10::List<c10::optional<at::Tensor>>& norms, at::TensorList weights,
+                       const c10::List<c10::optional<at::Tensor>>& scales,
+                       const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef kinds, at::Tensor k_cache,
+                       at::Tensor v_cache, int64_t n_head, double eps, int64_t vocab) {
+  const int64_t linears = static_cast<int64_t>(weights.size()), L = (linears - 1) / 4;
+  TORCH_CHECK(L >= 1 && linears == 4 * L + 1, "weights must hold 4 per block and the LM head");
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == linears && static_cast<int64_t>(biases.size()) == linears &&
+                  static_cast<int64_t>(kinds.size()) == linears,
+              "weights, scales, biases and kinds must be as long as each other");
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 4 * L + 2, "norms must hold 4 per block and ln_f's 2");
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "tokens must be (B,) int64");
+  TORCH_CHECK(wte.dim() == 2 && wte.scalar_type() == at::kFloat && wte.is_contiguous(), "wte must be fp32 (V, C)");
+  const int64_t B = tokens.size(0), C = wte.size(1);
+  TORCH_CHECK(wpe.dim() == 2 && wpe.scalar_type() == at::kFloat && wpe.is_contiguous() && wpe.size(1) == C,
+              "wpe must be fp32 (block_size, C)");
+  TORCH_CHECK(n_head >= 1 && C % n_head == 0, "n_head must divide the embedding width");
+  check_cache(k_cache, v_cache, 5);
+  TORCH_CHECK(k_cache.size(0) == L && k_cache.size(1) == B && k_cache.size(2) == n_head &&
+                  k_cache.size(4) == C / n_head,
+              "caches must be (n_layer, B, n_head, max_len, head_dim)");
+  const int64_t max_len = k_cache.size(3);
+  TORCH_CHECK(pos >= 0 && pos < max_len && pos < wpe.size(0), "position outside the cache");
+  const at::Tensor token_ids = tokens.contiguous();
+  const int64_t* ids = token_ids.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(ids[b] >= 0 && ids[b] < wte.size(0), "token id out of range");
+
+  std::vector<LinearArgs> layers;
+  std::vector<Norm> norm_list;
+  for (int64_t i = 0; i < linears; ++i) {
+    const int64_t role = i == linears - 1 ? 4 : i % 4;  // 0 c_attn, 1 attention c_proj, 2 c_fc, 3 MLP c_proj, 4 head
+    const int64_t hidden = role == 3 ? weights[i - 1].size(0) : 0;  // the MLP's width: c_fc's rows
+    const int64_t in = role == 3 ? hidden : C;
+    const int64_t out = role == 0 ? 3 * C : role == 2 ? weights[i].size(0) : role == 4 ? vocab : C;
+    TORCH_CHECK(role == 4 || weights[i].size(0) == out, "a block's weight has the wrong number of rows");
+    layers.push_back(linear_args(weights[i], scales.get(i), biases.get(i), kinds[i], in, out));
+  }
+  for (int64_t i = 0; i < 2 * L + 1; ++i) norm_list.push_back(norm_args(norms, 2 * i, C));
+  const int64_t hidden = layers[2].out;
+
+  const auto options = wte.options();
+  at::Tensor x = at::empty({B, C}, options), h = at::empty({B, C}, options), qkv = at::empty({B, 3 * C}, options);
+  at::Tensor attended = at::empty({B, C}, options), mlp = at::empty({B, hidden}, options);
+  at::Tensor logits = at::empty({B, vocab}, options);
+  float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+  float *ap = attended.data_ptr<float>(), *mp = mlp.data_ptr<float>();
+  const float* wte_p = wte.data_ptr<float>();
+  const float* wpe_p = wpe.data_ptr<float>() + pos * C;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < C; ++i) xp[b * C + i] = wte_p[ids[b] * C + i] + wpe_p[i];
+  }
+  const float epsilon = static_cast<float>(eps);
+  const int64_t layer_cache = B * n_head * max_len * (C / n_head);
+  float* k_p = k_cache.data_ptr<float>();
+  float* v_p = v_cache.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l) {
+    layer_norm_rows(xp, B, C, norm_list[2 * l].weight, norm_list[2 * l].bias, epsilon, hp);
+    linear_rows(layers[4 * l], B, hp, qkvp, false);
+    attend_rows(qkvp, k_p + l * layer_cache, v_p + l * layer_cache, B, C, n_head, max_len, pos, ap);
+    linear_rows(layers[4 * l + 1], B, ap, xp, true);  // x += attention
+    layer_norm_rows(xp, B, C, norm_list[2 * l + 1].weight, norm_list[2 * l + 1].bias, epsilon, hp);
+    linear_rows(layers[4 * l + 2], B, hp, mp, false);
+    gelu_in_place(mp, B * hidden);
+    linear_rows(layers[4 * l + 3], B, mp, xp, true);  // x += MLP
+  }
+  layer_norm_rows(xp, B, C, norm_list[2 * L].weight, norm_list[2 * L].bias, epsilon, hp);
+  linear_rows(layers[4 * L], B, hp, logits.data_ptr<float>(), false);
+  return logits;
 }
 
 // The k largest values of each row of logits (R, V) fp32 and their indices, best first (ties: the lower index
@@ -511,12 +699,17 @@ TORCH_LIBRARY(studio, m) {
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head) -> Tensor");
   m.def("rounds_activations() -> int");
   m.def("top_k(Tensor logits, int k) -> (Tensor, Tensor)");
+  m.def(
+      "decode_step(Tensor tokens, int pos, Tensor wte, Tensor wpe, Tensor?[] norms, Tensor[] weights, "
+      "Tensor?[] scales, Tensor?[] biases, int[] kinds, Tensor(a!) k_cache, Tensor(b!) v_cache, int n_head, "
+      "float eps, int vocab) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(studio, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("attend_one", &attend_one);
   m.impl("top_k", &top_k);
+  m.impl("decode_step", &decode_step);
 }
 
 TORCH_LIBRARY_IMPL(studio, CompositeExplicitAutograd, m) { m.impl("rounds_activations", &rounds_activations); }

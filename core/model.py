@@ -74,6 +74,13 @@ class Linear(nn.Linear):
     the end-to-end effect). One row is duplicated to make two columns: the arithmetic is free, the bytes are not.
     """
 
+    def decoding_weights(self) -> tuple | None:
+        """(weight, scales, bias, kind) as the decoding kernels read this layer (core.cpu_kernels.KINDS: fp32 is
+        0), or None when they cannot (a weight not in fp32)."""
+        if self.weight.dtype != torch.float32 or (self.bias is not None and self.bias.dtype != torch.float32):
+            return None
+        return self.weight, None, self.bias, 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
         if x.device.type != "cpu" or rows > SMALL_ROWS or rows == 0:
@@ -178,16 +185,22 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class DecodingPlan:
-    """The callables and tensors of :meth:`GPT.decode_one`, gathered once per generation."""
+    """The tensors of one fused decoding step (``torch.ops.studio.decode_step``), gathered once per generation."""
 
-    attend: object
-    """``torch.ops.studio.attend_one``."""
-    blocks: tuple
-    """Per block: (ln_1 weight, bias, eps), c_attn, attention c_proj, (ln_2 ...), c_fc, MLP c_proj."""
-    ln_f: tuple
-    """The final LayerNorm's weight, bias and eps."""
-    lm_head: object
-    """The LM head's forward."""
+    step: object
+    """``torch.ops.studio.decode_step``."""
+    norms: list
+    """Per block ln_1's weight and bias, then ln_2's; ln_f's last (a bias may be None)."""
+    weights: list
+    """Per block c_attn, the attention's c_proj, c_fc and the MLP's c_proj; the LM head last."""
+    scales: list
+    """Each weight's scales (int8 and 4-bit layouts), else None."""
+    biases: list
+    """Each weight's bias, or None."""
+    kinds: list
+    """Each weight's layout (:data:`core.cpu_kernels.KINDS`)."""
+    eps: float
+    """The LayerNorms' epsilon (one for all)."""
 
 
 class GPT(nn.Module):
@@ -306,35 +319,33 @@ class GPT(nn.Module):
 
     def decoding_plan(self) -> DecodingPlan | None:
         """What :meth:`decode_one` needs, gathered once per generation, or None where that route does not apply:
-        in training mode, off the CPU, or without the studio's attention kernel (core.cpu_kernels)."""
-        attend = decoding_kernel("attend_one")
-        if attend is None or self.training or self.transformer.wte.weight.device.type != "cpu":
+        in training mode, off the CPU, without the studio's kernels (core.cpu_kernels), or with a layer or
+        embedding the kernels cannot read (see :meth:`Linear.decoding_weights`)."""
+        step = decoding_kernel("decode_step")
+        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        if step is None or self.training or wte.device.type != "cpu" or {wte.dtype, wpe.dtype} != {torch.float32}:
             return None
-
-        def norm(ln: nn.LayerNorm) -> tuple:
-            return ln.weight, ln.bias, ln.eps
-
-        blocks = tuple(
-            (norm(b.ln_1), b.attn.c_attn.forward, b.attn.c_proj.forward, norm(b.ln_2), b.mlp.c_fc.forward)
-            + (b.mlp.c_proj.forward,)
-            for b in self.transformer.h
+        blocks = self.transformer.h
+        layers = [layer for b in blocks for layer in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        parts = [getattr(layer, "decoding_weights", lambda: None)() for layer in layers + [self.lm_head]]
+        norms = [ln for b in blocks for ln in (b.ln_1, b.ln_2)] + [self.transformer.ln_f]
+        if any(part is None for part in parts) or len({ln.eps for ln in norms}) != 1:
+            return None
+        weights, scales, biases, kinds = (list(column) for column in zip(*parts, strict=True))
+        return DecodingPlan(
+            step, [t for ln in norms for t in (ln.weight, ln.bias)], weights, scales, biases, kinds, norms[0].eps
         )
-        return DecodingPlan(attend, blocks, norm(self.transformer.ln_f), self.lm_head.forward)
 
     def decode_one(self, plan: DecodingPlan, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Logits (B, vocab_size) of the next token after ``tokens`` (B,), the tokens at position ``pos``, whose
-        keys and values are added to ``cache`` (fp32). The same arithmetic as ``forward`` on one position, called
-        layer by layer without the module machinery: a decoded token runs ~60 small calls, and each module call's
-        bookkeeping cost microseconds next to them."""
-        C = self.config.n_embd
-        shape = (C,)
-        x = F.embedding(tokens, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
-        for layer, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(plan.blocks):
-            qkv = c_attn(F.layer_norm(x, shape, *ln_1))  # (B, 3C)
-            x = x + attn_proj(plan.attend(qkv, cache.k[layer], cache.v[layer], pos, self.config.n_head))
-            x = x + mlp_proj(F.gelu(c_fc(F.layer_norm(x, shape, *ln_2)), approximate="tanh"))
-        logits = plan.lm_head(F.layer_norm(x, shape, *plan.ln_f))  # (B, padded V)
-        return logits[:, : self.config.vocab_size]
+        keys and values are added to ``cache`` (fp32). The same arithmetic as ``forward`` on one position, in one
+        call of the studio's kernel (core/cpu_kernels.cpp): layer by layer through modules, a token cost ~100
+        small operations whose dispatch took as long as a 4-bit model's weights take to stream."""
+        return plan.step(
+            tokens, pos, self.transformer.wte.weight, self.transformer.wpe.weight, plan.norms, plan.weights,
+            plan.scales, plan.biases, plan.kinds, cache.k, cache.v, self.config.n_head, plan.eps,
+            self.config.vocab_size,
+        )  # (B, vocab_size)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """LM head over the real vocabulary: (..., C) -> (..., vocab_size), padding rows dropped."""

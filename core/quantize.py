@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from core.cpu_kernels import KINDS, MAX_ROWS
 from core.errors import UsageError
+from core.huge_pages import move_to_huge_pages
 from core.model import GPT, decoding_kernel
 
 PRECISIONS = ("fp32", "bf16", "f16", "int8", "int4")
@@ -119,6 +120,10 @@ class CompactLinear(nn.Module):
             return _q4_dequantize(self.weight, self.scales)
         return self.weight.float()
 
+    def decoding_weights(self) -> tuple:
+        """(weight, scales, bias, kind) as the decoding kernels read this layer (see core.model.Linear)."""
+        return self.weight, self.scales, self.bias, self._kind_code
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (n, in)
         if x2.dtype != torch.float32:
@@ -178,6 +183,7 @@ def quantize(model: GPT, precision: str) -> GPT:
         parent_name, _, attribute = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
         setattr(parent, attribute, CompactLinear(linear, kind))
+    move_to_huge_pages(copied)  # the copy is made to decode: its weights stream faster from huge pages
     return copied
 
 

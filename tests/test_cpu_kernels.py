@@ -125,3 +125,67 @@ def test_top_k_returns_what_torch_topk_returns(kernels, k):
     ties = torch.zeros(1, 10)
     ties[0, 7] = 1.0
     assert torch.ops.studio.top_k(ties, 3)[1].tolist() == [[7, 0, 1]]  # equal values: the lower index first
+
+
+def _decode_against_forward(model, batch: int, positions: int = 3):
+    """The fused step's logits and caches next to the module path's, position by position."""
+    from core.model import KVCache
+
+    config = model.config
+    idx = torch.randint(0, config.vocab_size, (batch, 3 + positions), generator=torch.Generator().manual_seed(batch))
+    fused_cache, plain_cache = KVCache(config, batch), KVCache(config, batch)
+    with torch.inference_mode():
+        model(idx[:, :3], cache=fused_cache, start_pos=0)
+        model(idx[:, :3], cache=plain_cache, start_pos=0)
+        plan = model.decoding_plan()
+        assert plan is not None
+        for position in range(3, 3 + positions):
+            fused = model.decode_one(plan, idx[:, position], fused_cache, position)  # (B, V)
+            plain, _ = model(idx[:, position : position + 1], cache=plain_cache, start_pos=position)
+            yield fused, plain[:, 0], fused_cache, plain_cache, position
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "f16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_the_fused_decoding_step_computes_what_the_modules_compute(kernels, precision, batch):
+    from core.quantize import quantize
+
+    torch.manual_seed(3)
+    model = quantize(GPT(TINY).eval(), precision)
+    for fused, plain, fused_cache, plain_cache, position in _decode_against_forward(model, batch):
+        assert fused.shape == (batch, TINY.vocab_size)
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+        length = position + 1
+        torch.testing.assert_close(fused_cache.k[..., :length, :], plain_cache.k[..., :length, :])
+        torch.testing.assert_close(fused_cache.v[..., :length, :], plain_cache.v[..., :length, :])
+
+
+def test_the_fused_step_holds_for_large_activations_and_no_biases(kernels):
+    # GELU's exponential is the kernel's own approximation: inputs across [-20, 20] must still match PyTorch's GELU.
+    from core.config import ModelConfig
+
+    torch.manual_seed(4)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(60)
+    for fused, plain, *_ in _decode_against_forward(model, 2):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_step_refuses_what_it_cannot_read(kernels):
+    from core.model import KVCache
+
+    torch.manual_seed(5)
+    model = GPT(TINY).eval()
+    plan = model.decoding_plan()
+    cache = KVCache(TINY, 1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="token id out of range"):
+        model.decode_one(plan, torch.tensor([TINY.padded_vocab_size]), cache, 0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="position outside the cache"):
+        model.decode_one(plan, torch.tensor([1]), cache, TINY.block_size)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="caches must be"):
+        model.decode_one(plan, torch.tensor([1, 2]), cache, 0)  # two samples, a cache for one
+    # Where the step cannot apply, there is no plan, and decoding goes through the modules.
+    assert model.train().decoding_plan() is None
+    assert GPT(TINY).eval().to(torch.bfloat16).decoding_plan() is None

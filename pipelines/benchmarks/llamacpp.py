@@ -93,6 +93,7 @@ def llamacpp_rows(
     cannot run here gets no row (its reason is logged)."""
     from core.cpu_kernels import load
     from core.gguf_export import export_gguf
+    from core.huge_pages import move_to_huge_pages
     from core.model import GPT
     from core.quantize import quantize
     from core.tokenizer import get_tokenizer
@@ -103,6 +104,7 @@ def llamacpp_rows(
     tokenizer = get_tokenizer()
     torch.manual_seed(BENCH_SEED)
     model = GPT(config or ModelConfig.from_preset("gpt2")).eval()
+    move_to_huge_pages(model)  # where a stored model's weights are once loaded (core.checkpoint.load_checkpoint)
     shape = "gpt2 124M" if config is None else f"{model.config.n_layer} layers × {model.config.n_embd} dims"
     rows = []
     with tempfile.TemporaryDirectory(prefix="studio-llamacpp-") as folder:
