@@ -342,8 +342,19 @@ class GPT(nn.Module):
         call of the studio's kernel (core/cpu_kernels.cpp): layer by layer through modules, a token cost ~100
         small operations whose dispatch took as long as a 4-bit model's weights take to stream."""
         return plan.step(
-            tokens, pos, self.transformer.wte.weight, self.transformer.wpe.weight, plan.norms, plan.weights,
-            plan.scales, plan.biases, plan.kinds, cache.k, cache.v, self.config.n_head, plan.eps,
+            tokens,
+            pos,
+            self.transformer.wte.weight,
+            self.transformer.wpe.weight,
+            plan.norms,
+            plan.weights,
+            plan.scales,
+            plan.biases,
+            plan.kinds,
+            cache.k,
+            cache.v,
+            self.config.n_head,
+            plan.eps,
             self.config.vocab_size,
         )  # (B, vocab_size)
 
