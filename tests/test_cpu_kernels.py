@@ -23,10 +23,11 @@ def kernels():
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("kind", ["fp32", "f16", "bf16", "int8", "q4"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_each_layout_computes_what_its_weights_stand_for(kernels, rows, kind, with_bias):
+@pytest.mark.parametrize("inputs", [96, 128])  # 4-bit rows of 3 blocks, and of 2 pairs (AVX-512's two-block loop)
+def test_each_layout_computes_what_its_weights_stand_for(kernels, rows, kind, with_bias, inputs):
     torch.manual_seed(rows)
-    linear = torch.nn.Linear(96, 80, bias=with_bias)
-    x = torch.randn(rows, 96)
+    linear = torch.nn.Linear(inputs, 80, bias=with_bias)
+    x = torch.randn(rows, inputs)
     if kind == "fp32":
         weight, scales, expected_weight = linear.weight.detach(), None, linear.weight.detach()
     else:
