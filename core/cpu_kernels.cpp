@@ -1,11 +1,14 @@
-// Decoding-shaped linear layers for the CPU: y = x W^T (+ b) for a few rows of x, with W in fp32, f16, bf16, int8
-// (one scale per output row) or 4-bit blocks (Q4_0's layout: 32 weights share one scale, code - 8 times the scale).
+// The studio's decoding kernels for the CPU. Decoding a token multiplies one row (or a few: one per sample) by every
+// weight, so its speed is how fast the weights stream from memory, plus whatever runs between the products.
 //
-// Decoding a token multiplies one row by every weight, so its speed is how fast the weights stream from memory.
-// BLAS's matrix-vector product streamed an fp32 GPT-2 at 12-19 GB/s on a 2-core machine that sums an array at
-// 47 GB/s; these loops read each weight once, widen it to fp32 in registers and keep a few rows' dot products in
-// flight, on every core (at::parallel_for over the output rows). Built at run time with the machine's own vector
-// instructions (-march=native) by core/cpu_kernels.py; registered as torch.ops.studio.linear_small.
+// linear_small: y = x W^T (+ b) for a few rows of x, with W in fp32, f16, bf16, int8 (one scale per output row) or
+// 4-bit blocks (Q4_0's layout: 32 weights share one scale, code - 8 times the scale). BLAS's matrix-vector product
+// streamed an fp32 GPT-2 at 12-19 GB/s on a 2-core machine that sums an array at 30-47 GB/s; these loops read each
+// weight once, widen it to fp32 in registers and keep a few rows' dot products in flight, on every core
+// (at::parallel_for over the output rows). decode_step: a whole GPT-2 token in one call (embeddings, LayerNorms,
+// these products, one-token attention with its cache writes, GELU, residuals), where ~100 tensor operations and
+// Python calls per token had cost as much as a 4-bit model's weights take to stream. Built at run time with the
+// machine's own vector instructions (-march=native) by core/cpu_kernels.py; registered as torch.ops.studio.*.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

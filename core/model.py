@@ -341,21 +341,10 @@ class GPT(nn.Module):
         keys and values are added to ``cache`` (fp32). The same arithmetic as ``forward`` on one position, in one
         call of the studio's kernel (core/cpu_kernels.cpp): layer by layer through modules, a token cost ~100
         small operations whose dispatch took as long as a 4-bit model's weights take to stream."""
+        wte, wpe, n_head = self.transformer.wte.weight, self.transformer.wpe.weight, self.config.n_head
+        linears = (plan.weights, plan.scales, plan.biases, plan.kinds)
         return plan.step(
-            tokens,
-            pos,
-            self.transformer.wte.weight,
-            self.transformer.wpe.weight,
-            plan.norms,
-            plan.weights,
-            plan.scales,
-            plan.biases,
-            plan.kinds,
-            cache.k,
-            cache.v,
-            self.config.n_head,
-            plan.eps,
-            self.config.vocab_size,
+            tokens, pos, wte, wpe, plan.norms, *linears, cache.k, cache.v, n_head, plan.eps, self.config.vocab_size
         )  # (B, vocab_size)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,14 @@ def test_nothing_moves_where_the_system_has_no_huge_pages(tmp_path, monkeypatch)
     assert model.transformer.wte.weight.data_ptr() == address
     monkeypatch.setattr(huge_pages, "THP_SETTING", tmp_path / "missing")
     assert not huge_pages.huge_pages_available()
+
+
+@needs_huge_pages
+def test_a_lower_precision_copy_decodes_from_huge_pages():
+    from core.quantize import quantize
+
+    torch.manual_seed(2)
+    model = GPT(TINY).eval()
+    copy = quantize(model, "int8")
+    assert _advised_huge(copy.transformer.wte.weight.data_ptr())  # the copy's embedding: its only large tensor
+    assert not _advised_huge(model.transformer.wte.weight.data_ptr())  # the original is left as it was
