@@ -551,28 +551,6 @@ void attend_rows(const float* qkv, float* k_cache, float* v_cache, int64_t B, in
   });
 }
 
-void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t dims) {
-  TORCH_CHECK(k_cache.dim() == dims && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat, "caches must be fp32");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "the key and value caches must have one shape");
-}
-
-// attend_rows on tensors: qkv (B, 3C) fp32; k_cache, v_cache: (B, n_head, max_len, head_dim) fp32. Returns (B, C).
-// One call replaces the dozen small tensor operations (views, transposes, two cache writes, two products, a
-// softmax) whose dispatch cost more than their arithmetic.
-at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t n_head) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv must be (B, 3C) fp32");
-  check_cache(k_cache, v_cache, 4);
-  const int64_t B = qkv.size(0), C = qkv.size(1) / 3, max_len = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_head && k_cache.size(3) == C / n_head,
-              "cache shape mismatch");
-  TORCH_CHECK(pos >= 0 && pos < max_len, "position outside the cache");
-  at::Tensor out = at::empty({B, C}, qkv.options());
-  attend_rows(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B, C, n_head, max_len,
-              pos, out.data_ptr<float>());
-  return out;
-}
-
 // e^x within a few units in the last place: 2^n times a degree-6 polynomial of the remainder, in plain arithmetic
 // that the compiler vectorizes (std::exp is a call per element: 37 thousand per gpt2 token, half a millisecond).
 inline float exp_approx(float x) {
@@ -662,7 +640,9 @@ at::Tensor decode_step(const at::Tensor& tokens, int64_t pos, const at::Tensor& 
   TORCH_CHECK(wpe.dim() == 2 && wpe.scalar_type() == at::kFloat && wpe.is_contiguous() && wpe.size(1) == C,
               "wpe must be fp32 (block_size, C)");
   TORCH_CHECK(n_head >= 1 && C % n_head == 0, "n_head must divide the embedding width");
-  check_cache(k_cache, v_cache, 5);
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat, "caches must be fp32");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "the key and value caches must have one shape");
   TORCH_CHECK(k_cache.size(0) == L && k_cache.size(1) == B && k_cache.size(2) == n_head &&
                   k_cache.size(4) == C / n_head,
               "caches must be (n_layer, B, n_head, max_len, head_dim)");
@@ -769,7 +749,6 @@ int64_t rounds_activations() {
 
 TORCH_LIBRARY(studio, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? scales, Tensor? bias, int kind) -> Tensor");
-  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head) -> Tensor");
   m.def("rounds_activations() -> int");
   m.def("top_k(Tensor logits, int k) -> (Tensor, Tensor)");
   m.def(
@@ -780,7 +759,6 @@ TORCH_LIBRARY(studio, m) {
 
 TORCH_LIBRARY_IMPL(studio, CPU, m) {
   m.impl("linear_small", &linear_small);
-  m.impl("attend_one", &attend_one);
   m.impl("top_k", &top_k);
   m.impl("decode_step", &decode_step);
 }

@@ -4,9 +4,9 @@
 ``torch.utils.cpp_extension`` (a C++ compiler is needed: g++ or clang++, as for torch.compile) into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), and registers the ``torch.ops.studio``
 operators: ``decode_step`` (a whole decoded token, :meth:`core.model.GPT.decode_one`), ``linear_small`` (a few-row
-product per weight layout), ``attend_one`` (one-token attention), ``top_k`` and ``rounds_activations``. The first
-build takes 15-30 s; later processes load the cached library in milliseconds. Without a compiler, or when the build
-fails, :func:`load` says why and decoding keeps PyTorch's own products (slower, the same results within rounding).
+product per weight layout), ``top_k`` and ``rounds_activations``. The first build takes 15-30 s; later processes
+load the cached library in milliseconds. Without a compiler, or when the build fails, :func:`load` says why and
+decoding keeps PyTorch's own products (slower, the same results within rounding).
 """
 
 from __future__ import annotations

@@ -119,14 +119,6 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
     ) -> torch.Tensor:
         B, T, C = x.shape
-        if T == 1 and cache is not None and not self.training:
-            attend = decoding_kernel("attend_one")
-            if attend is not None and x.device.type == "cpu" and cache.k.dtype == torch.float32:
-                # One token per sample: the studio's kernel writes its key and value into the cache and attends in
-                # one call (core/cpu_kernels.cpp), instead of a dozen small operations each costing microseconds.
-                qkv = self.c_attn(x).view(B, 3 * C)
-                y = attend(qkv, cache.k[layer], cache.v[layer], start_pos, self.n_head)  # (B, C)
-                return self.c_proj(y.view(B, 1, C))
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)

@@ -88,33 +88,20 @@ def test_the_kernels_can_be_switched_off(monkeypatch):
         cpu_kernels.load.cache_clear()
 
 
-def test_decoding_with_the_attention_kernel_matches_the_plain_path(kernels, monkeypatch):
+def test_sampling_through_the_kernels_draws_what_the_modules_draw(kernels, monkeypatch):
     from core.config import SampleConfig
-    from core.model import KVCache
     from core.sampling import stream_tokens
 
     torch.manual_seed(2)
     model = GPT(TINY).eval()
     prompt = [5, 17, 300, 42]
-    config = SampleConfig(max_new_tokens=20, num_samples=3, seed=4, stop_at_eot=False)
+    # 40 new tokens: past the 32-position context, so the cache is also rebuilt from the window once
+    config = SampleConfig(max_new_tokens=40, num_samples=3, seed=4, stop_at_eot=False)
     fast = [tokens.tolist() for tokens, _ in stream_tokens(model, prompt, config)]
     monkeypatch.setattr("core.model.decoding_kernel", lambda name="linear_small": None)
+    assert model.decoding_plan() is None
     plain = [tokens.tolist() for tokens, _ in stream_tokens(model, prompt, config)]
     assert fast == plain
-    # The kernel's cache writes and attention, position by position, equal the plain path's logits.
-    monkeypatch.undo()
-    cache_fast, cache_plain = KVCache(TINY, 2), KVCache(TINY, 2)
-    idx = torch.randint(0, TINY.vocab_size, (2, 6))
-    with torch.inference_mode():
-        model(idx[:, :3], cache=cache_fast, start_pos=0)
-        model(idx[:, :3], cache=cache_plain, start_pos=0)
-        for position in range(3, 6):
-            fast_logits, _ = model(idx[:, position : position + 1], cache=cache_fast, start_pos=position)
-            with monkeypatch.context() as patch:
-                patch.setattr("core.model.decoding_kernel", lambda name="linear_small": None)
-                plain_logits, _ = model(idx[:, position : position + 1], cache=cache_plain, start_pos=position)
-            torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cache_fast.k[:, :, :, :6], cache_plain.k[:, :, :, :6])
 
 
 @pytest.mark.parametrize("k", [1, 7, 200])
