@@ -23,12 +23,12 @@ share of its 8-token spans found verbatim there and its longest copied span, in 
 --data, else the one the registered model's run trained on (its data_source param), else $SHAKESPEARE_SOURCE, else
 Tiny Shakespeare's URL. A corpus that was not given and cannot be had (offline, not downloaded yet) is one line on
 stderr, and the samples come without the figures; --no-memorization skips the measurement.
---quantize generates on the CPU with fewer bytes per weight (decoding is bound by reading the weights): int8 or int4
-weight-only linear layers, or the whole model in bf16 or f16 where the CPU has the units for it (measured at run
-time; refused where it would be slower). auto measures every precision's decoding speed and held-out loss on this
-machine and picks the fastest whose loss stays within 1% of fp32's; a registered version keeps the measurements
-(its precision_auto tag), so that happens once per version and machine. ``python -m pipelines.benchmark --only int8
---model NAME`` measures them in more depth.
+--quantize generates on the CPU with fewer bytes per weight (decoding is bound by reading the weights): the linear
+layers' weights in int8, int4, bf16 or f16, widened to fp32 in registers by the studio's decoding kernels (no
+half-precision arithmetic units needed; without a C++ compiler to build the kernels, only int8 runs). auto
+measures every precision's decoding speed and held-out loss on this machine and picks the fastest whose loss stays
+within 1% of fp32's; a registered version keeps the measurements (its precision_auto tag), so that happens once per
+version and machine. ``python -m pipelines.benchmark --only int8 --model NAME`` measures them in more depth.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def build_parser() -> ArgumentParser:
         "--quantize",
         choices=QUANTIZE_CHOICES,
         default="none",
-        help="CPU only: int8 or int4 weights, bf16 or f16 (where this CPU has the units), or auto (the fastest "
-        "within 1%% of fp32's held-out loss, measured here); default none: fp32",
+        help="CPU only: the linear layers' weights in int8, int4, bf16 or f16, or auto (the fastest within 1%% of "
+        "fp32's held-out loss, measured here); default none: fp32",
     )
     meter = parser.add_mutually_exclusive_group()
     meter.add_argument(
