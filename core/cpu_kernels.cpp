@@ -64,130 +64,127 @@ inline float hsum(__m256 v) {
 #endif
 
 #ifdef STUDIO_AVX512
-// 16 weights from position i of a row, widened to fp32.
-template <int K>
-inline __m512 load16(const void* row, int64_t i) {
-  if constexpr (K == F32) {
-    return _mm512_loadu_ps(static_cast<const float*>(row) + i);
-  } else if constexpr (K == F16) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i)));
-  } else if constexpr (K == BF16) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {  // INT8
-    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-  }
-}
+// The vector operations the float loops below are written in: 16 floats per register.
+struct Lanes {
+  using Vec = __m512;
+  static constexpr int64_t width = 16;
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float v) { return _mm512_set1_ps(v); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 
-// Dot products of one weight row (fp32/f16/bf16/int8) with N rows of x: two 16-wide accumulators per row keep
-// two fused multiply-adds in flight.
-template <int K, int N>
-inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
-  __m512 acc[N][2];
-  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= in; i += 32) {
-    __m512 w0 = load16<K>(w, i), w1 = load16<K>(w, i + 16);
-    for (int r = 0; r < N; ++r) {
-      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + i), acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + i + 16), acc[r][1]);
+  // `width` weights from position i of a row (fp32/f16/bf16/int8), widened to fp32.
+  template <int K>
+  static Vec widen(const void* row, int64_t i) {
+    if constexpr (K == F32) {
+      return _mm512_loadu_ps(static_cast<const float*>(row) + i);
+    } else if constexpr (K == F16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i)));
+    } else if constexpr (K == BF16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {  // INT8
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
     }
   }
-  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-  for (; i < in; ++i) {  // a tail shorter than 32 (never for GPT-2 shapes)
-    const float wi = weight_at<K>(w, i);
-    for (int r = 0; r < N; ++r) out[r] += wi * x[r * in + i];
-  }
-}
 
-template <int N>
-inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, int64_t in, float* out) {
-  __m512 total[N];
-  for (int r = 0; r < N; ++r) total[r] = _mm512_setzero_ps();
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m512 eight = _mm512_set1_ps(8.0f);
-  for (int64_t g = 0; g < in / Q4_GROUP; ++g) {
-    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16));
-    __m128i lo = _mm_and_si128(bytes, low_mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-    __m512 v0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), eight);  // weights 0..15
-    __m512 v1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), eight);  // weights 16..31
-    __m512 d = _mm512_set1_ps(scales[g]);
-    for (int r = 0; r < N; ++r) {
-      const float* xg = x + r * in + g * Q4_GROUP;
-      __m512 s = _mm512_mul_ps(v0, _mm512_loadu_ps(xg));
-      s = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xg + 16), s);
-      total[r] = _mm512_fmadd_ps(d, s, total[r]);
-    }
+  // The 32 weights of a 4-bit block (16 bytes: byte j holds weight j in its low nibble and weight j + 16 in its
+  // high one) as code - 8, in weight order.
+  static void widen_q4(const uint8_t* block, Vec out[32 / width]) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block)), low_mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low_mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+    const Vec eight = set1(8.0f);
+    out[0] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), eight);  // weights 0..15
+    out[1] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), eight);  // weights 16..31
   }
-  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
-}
+};
 #elif defined(STUDIO_AVX2)
+// The vector operations the float loops below are written in: 8 floats per register.
+struct Lanes {
+  using Vec = __m256;
+  static constexpr int64_t width = 8;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static float sum(Vec v) { return hsum(v); }
 
-// 8 weights from position i of a row, widened to fp32.
-template <int K>
-inline __m256 load8(const void* row, int64_t i) {
-  if constexpr (K == F32) {
-    return _mm256_loadu_ps(static_cast<const float*>(row) + i);
-  } else if constexpr (K == F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
-  } else if constexpr (K == BF16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {  // INT8
-    __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-  }
-}
-
-// Dot products of one weight row (fp32/f16/bf16/int8) with N rows of x.
-template <int K, int N>
-inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
-  __m256 acc[N][2];
-  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= in; i += 16) {
-    __m256 w0 = load8<K>(w, i), w1 = load8<K>(w, i + 8);
-    for (int r = 0; r < N; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * in + i), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * in + i + 8), acc[r][1]);
+  // `width` weights from position i of a row (fp32/f16/bf16/int8), widened to fp32.
+  template <int K>
+  static Vec widen(const void* row, int64_t i) {
+    if constexpr (K == F32) {
+      return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+    } else if constexpr (K == F16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
+    } else if constexpr (K == BF16) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {  // INT8
+      __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
     }
   }
-  for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-  for (; i < in; ++i) {  // a tail shorter than 16 (never for GPT-2 shapes)
+
+  // The 32 weights of a 4-bit block (see the AVX-512 Lanes) as code - 8, in weight order.
+  static void widen_q4(const uint8_t* block, Vec out[32 / width]) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block)), low_mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low_mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+    const Vec eight = set1(8.0f);
+    out[0] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), eight);
+    out[1] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), eight);
+    out[2] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), eight);
+    out[3] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), eight);
+  }
+};
+#endif
+
+#if defined(STUDIO_AVX512) || defined(STUDIO_AVX2)
+// Dot products of one weight row (fp32/f16/bf16/int8) with N rows of x: two accumulators per row keep two fused
+// multiply-adds in flight.
+template <int K, int N>
+inline void row_dots(const void* w, const float* x, int64_t in, float* out) {
+  constexpr int64_t W = Lanes::width;
+  typename Lanes::Vec acc[N][2];
+  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = Lanes::zero();
+  int64_t i = 0;
+  for (; i + 2 * W <= in; i += 2 * W) {
+    const auto w0 = Lanes::template widen<K>(w, i), w1 = Lanes::template widen<K>(w, i + W);
+    for (int r = 0; r < N; ++r) {
+      acc[r][0] = Lanes::fmadd(w0, Lanes::load(x + r * in + i), acc[r][0]);
+      acc[r][1] = Lanes::fmadd(w1, Lanes::load(x + r * in + i + W), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < N; ++r) out[r] = Lanes::sum(Lanes::add(acc[r][0], acc[r][1]));
+  for (; i < in; ++i) {  // a tail shorter than two registers (never for GPT-2 shapes)
     const float wi = weight_at<K>(w, i);
     for (int r = 0; r < N; ++r) out[r] += wi * x[r * in + i];
   }
 }
 
-// Dot products of one 4-bit row (in/2 bytes, groups of 32 weights in 16 bytes: byte j holds weight j in its low
-// nibble and weight j + 16 in its high one) with N rows of x; scales: one per group.
+// Dot products of one 4-bit row (in/2 bytes, blocks of 32 weights in 16 bytes) with N rows of x; scales: one per
+// block.
 template <int N>
 inline void q4_row_dots(const uint8_t* w, const float* scales, const float* x, int64_t in, float* out) {
-  __m256 total[N];
-  for (int r = 0; r < N; ++r) total[r] = _mm256_setzero_ps();
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m256 eight = _mm256_set1_ps(8.0f);
+  constexpr int64_t W = Lanes::width, parts = Q4_GROUP / W;
+  typename Lanes::Vec total[N], weights[parts];
+  for (int r = 0; r < N; ++r) total[r] = Lanes::zero();
   for (int64_t g = 0; g < in / Q4_GROUP; ++g) {
-    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16));
-    __m128i lo = _mm_and_si128(bytes, low_mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-    __m256 v0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), eight);
-    __m256 v1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), eight);
-    __m256 v2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), eight);
-    __m256 v3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), eight);
-    __m256 d = _mm256_set1_ps(scales[g]);
+    Lanes::widen_q4(w + g * 16, weights);
+    const auto d = Lanes::set1(scales[g]);
     for (int r = 0; r < N; ++r) {
       const float* xg = x + r * in + g * Q4_GROUP;
-      __m256 s = _mm256_mul_ps(v0, _mm256_loadu_ps(xg));
-      s = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xg + 8), s);
-      s = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xg + 16), s);
-      s = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xg + 24), s);
-      total[r] = _mm256_fmadd_ps(d, s, total[r]);
+      auto s = Lanes::mul(weights[0], Lanes::load(xg));
+      for (int64_t k = 1; k < parts; ++k) s = Lanes::fmadd(weights[k], Lanes::load(xg + k * W), s);
+      total[r] = Lanes::fmadd(d, s, total[r]);
     }
   }
-  for (int r = 0; r < N; ++r) out[r] = hsum(total[r]);
+  for (int r = 0; r < N; ++r) out[r] = Lanes::sum(total[r]);
 }
 #else
 template <int K, int N>

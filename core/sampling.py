@@ -153,7 +153,7 @@ def stream_tokens(
             logits, _ = model(window, cache=cache, start_pos=0, last_only=True)  # (K, 1, V)
             length = window.size(1)  # positions filled in the cache
             # A token at a time without the module machinery where the kernels allow it (an fp32 cache on the CPU)
-            plan = model.decoding_plan() if dtype == torch.float32 else None
+            plan = model.decoding_plan()
             for step in range(config.max_new_tokens):
                 tokens = _next_tokens(logits[:, -1, :].float(), config, generator)  # (K,)
                 yield tokens, active.clone()
